@@ -1,0 +1,54 @@
+# One command for the demo, one for the tests; both install what they need.
+#   make demo   - venv + package + demo project on SQLite, runapscheduler with /metrics on :9100
+#   make test   - venv + system packages + database services, then lint, types and the
+#                 test suite on SQLite, PostgreSQL and MariaDB
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PG_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+MYSQL_URL ?= mysql://root@127.0.0.1:3306/test
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint test-sqlite test-postgres test-mariadb system services bench grafana clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test,postgres,mysql,otlp]"
+	touch $(STAMP)
+
+demo:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e ".[demo,postgres]"
+	$(BIN)/python example/manage.py migrate --no-input -v0
+	@echo "Scheduler metrics: http://127.0.0.1:9100/metrics  health: /healthz  /readyz"
+	$(BIN)/python example/manage.py runapscheduler --metrics-port 9100 --metrics-addr 127.0.0.1
+
+system:
+	bash .ci/system-deps.sh
+
+services:
+	bash .ci/services.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test-sqlite: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-postgres: $(STAMP)
+	DATABASE_URL=$(PG_URL) $(BIN)/pytest -m "not once" $(PYTEST_ARGS)
+
+test-mariadb: $(STAMP)
+	DATABASE_URL=$(MYSQL_URL) $(BIN)/pytest -m "not once" $(PYTEST_ARGS)
+
+test: system $(STAMP) services lint test-postgres test-mariadb test-sqlite
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache example/db.sqlite3*

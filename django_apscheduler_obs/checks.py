@@ -1,0 +1,183 @@
+"""System checks for every setting, with stable ids (``django_apscheduler_obs.E001`` …).
+
+Wrong settings fail ``manage.py check`` (and therefore ``runapscheduler``, ``migrate``,
+``runserver``) with one message per problem, instead of a traceback at the first run.
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from collections.abc import Callable
+from numbers import Real
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+
+from django_apscheduler_obs.conf import conf
+
+ID = "django_apscheduler_obs"
+JOB_DEFAULT_KEYS = {"misfire_grace_time", "coalesce", "max_instances", "executor"}
+
+
+def _number(value: Any, *, allow_zero: bool = False) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and (
+        value >= 0 if allow_zero else value > 0
+    )
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _get(read: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, read()
+    except Exception as exc:  # e.g. tuple() of a non-iterable
+        return False, exc
+
+
+@register(Tags.compatibility)
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+
+    def error(code: int, msg: str, hint: str | None = None) -> None:
+        errors.append(Error(msg, hint=hint, id=f"{ID}.E{code:03d}"))
+
+    # E001: job defaults
+    defaults = conf.JOB_DEFAULTS
+    unknown = set(defaults) - JOB_DEFAULT_KEYS
+    if unknown:
+        error(1, f"APSCHEDULER_JOB_DEFAULTS has unknown keys: {sorted(unknown)}",
+              f"Allowed: {sorted(JOB_DEFAULT_KEYS)}")  # fmt: skip
+    grace = defaults.get("misfire_grace_time")
+    if grace is not None and not _int(grace):
+        error(1, "APSCHEDULER_JOB_DEFAULTS['misfire_grace_time'] must be None or a positive "
+              f"integer (seconds), not {grace!r}")  # fmt: skip
+    if not _int(defaults.get("max_instances", 1)):
+        error(1, "APSCHEDULER_JOB_DEFAULTS['max_instances'] must be a positive integer")
+    if not isinstance(defaults.get("coalesce", True), bool):
+        error(1, "APSCHEDULER_JOB_DEFAULTS['coalesce'] must be True or False")
+    if defaults.get("executor", "default") != "default":
+        error(1, f"APSCHEDULER_JOB_DEFAULTS['executor'] is {defaults['executor']!r}: unknown "
+              "executor", "runapscheduler has one executor, 'default'")  # fmt: skip
+
+    # E002: pool size
+    if not _int(conf.MAX_WORKERS):
+        error(2, f"APSCHEDULER_MAX_WORKERS must be a positive integer, not {conf.MAX_WORKERS!r}")
+
+    # E003/E004: retention and cleanup
+    retention = conf.EXECUTION_RETENTION
+    if retention is not None and not _number(retention):
+        error(3, "APSCHEDULER_EXECUTION_RETENTION must be None (keep everything) or a positive "
+              f"number of seconds, not {retention!r}")  # fmt: skip
+    if not _number(conf.CLEANUP_INTERVAL):
+        error(4, "APSCHEDULER_CLEANUP_INTERVAL must be a positive number of seconds")
+    if not _int(conf.CLEANUP_BATCH_SIZE):
+        error(4, "APSCHEDULER_CLEANUP_BATCH_SIZE must be a positive integer")
+
+    # E005/E006: lease and intervals
+    intervals = {
+        "APSCHEDULER_LEASE_TTL": conf.LEASE_TTL,
+        "APSCHEDULER_LEASE_RENEW_INTERVAL": conf.LEASE_RENEW_INTERVAL,
+        "APSCHEDULER_STANDBY_POLL_INTERVAL": conf.STANDBY_POLL_INTERVAL,
+        "APSCHEDULER_CHANGE_POLL_INTERVAL": conf.CHANGE_POLL_INTERVAL,
+        "APSCHEDULER_MAX_SLEEP": conf.MAX_SLEEP,
+        "APSCHEDULER_HEARTBEAT_INTERVAL": conf.HEARTBEAT_INTERVAL,
+        "APSCHEDULER_RUN_NOW_TIMEOUT": conf.RUN_NOW_TIMEOUT,
+    }
+    for name, value in intervals.items():
+        if not _number(value):
+            error(6, f"{name} must be a positive number of seconds, not {value!r}")
+    if not _number(conf.SHUTDOWN_TIMEOUT, allow_zero=True):
+        error(6, f"APSCHEDULER_SHUTDOWN_TIMEOUT must be a number >= 0, not "
+              f"{conf.SHUTDOWN_TIMEOUT!r}")  # fmt: skip
+    if (_number(conf.LEASE_TTL) and _number(conf.LEASE_RENEW_INTERVAL)
+            and conf.LEASE_TTL < 3 * conf.LEASE_RENEW_INTERVAL):  # fmt: skip
+        error(5, f"APSCHEDULER_LEASE_TTL ({conf.LEASE_TTL}) must be at least 3 x "
+              f"APSCHEDULER_LEASE_RENEW_INTERVAL ({conf.LEASE_RENEW_INTERVAL})",
+              "Two renewals may fail before the lease is lost.")  # fmt: skip
+    elif (grace is not None and _number(grace) and _number(conf.LEASE_TTL)
+          and _number(conf.STANDBY_POLL_INTERVAL)
+          and grace < conf.LEASE_TTL + conf.STANDBY_POLL_INTERVAL):  # fmt: skip
+        errors.append(Warning(
+            f"misfire_grace_time ({grace}s) is shorter than a failover "
+            f"(lease TTL + standby poll = {conf.LEASE_TTL + conf.STANDBY_POLL_INTERVAL}s)",
+            hint="Runs due while a standby takes over will be recorded as missed.",
+            id=f"{ID}.W001",
+        ))  # fmt: skip
+
+    # E007: time zone
+    try:
+        zoneinfo.ZoneInfo(str(conf.TIMEZONE))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        error(7, f"APSCHEDULER_TIMEZONE {conf.TIMEZONE!r} is not a known time zone")
+
+    # E008: buckets
+    for name, read in (("APSCHEDULER_DURATION_BUCKETS", lambda: conf.DURATION_BUCKETS),
+                       ("APSCHEDULER_DELAY_BUCKETS", lambda: conf.DELAY_BUCKETS)):  # fmt: skip
+        ok, buckets = _get(read)
+        if not ok or not buckets or not all(_number(b) for b in buckets) or list(buckets) != sorted(
+            set(buckets)
+        ):
+            error(8, f"{name} must be a non-empty, strictly increasing list of positive numbers")
+
+    # E009/E012: cardinality and buffer
+    if not _int(conf.MAX_JOB_SERIES):
+        error(9, "APSCHEDULER_MAX_JOB_SERIES must be a positive integer")
+    if not _int(conf.MAX_ERROR_TYPES):
+        error(9, "APSCHEDULER_MAX_ERROR_TYPES must be a positive integer")
+    if not _int(conf.HISTORY_BUFFER_SIZE):
+        error(12, "APSCHEDULER_HISTORY_BUFFER_SIZE must be a positive integer")
+
+    # E010: jobs declared in settings
+    errors.extend(_check_declared_jobs())
+
+    # E011: metrics auth
+    ok, auth = _get(lambda: conf.METRICS_BASIC_AUTH)
+    if not ok or (auth is not None and (
+        len(auth) != 2 or not all(isinstance(x, str) and x for x in auth)
+    )):  # fmt: skip
+        error(11, "APSCHEDULER_METRICS_BASIC_AUTH must be None or (user, password) strings")
+
+    # E013: group
+    if not isinstance(conf.GROUP, str) or not 0 < len(conf.GROUP) <= 100:
+        error(13, "APSCHEDULER_GROUP must be a non-empty string of at most 100 characters")
+
+    # E014: plain types
+    for name, value, kind in (
+        ("APSCHEDULER_DATETIME_FORMAT", conf.DATETIME_FORMAT, str),
+        ("APSCHEDULER_TRACE_URL_TEMPLATE", conf.TRACE_URL_TEMPLATE, str),
+        ("APSCHEDULER_GRAFANA_URL_TEMPLATE", conf.GRAFANA_URL_TEMPLATE, str),
+        ("APSCHEDULER_SIGN_JOB_STATE", conf.SIGN_JOB_STATE, bool),
+        ("APSCHEDULER_AUTODISCOVER", conf.AUTODISCOVER, bool),
+        ("APSCHEDULER_REMOVE_UNDECLARED_JOBS", conf.REMOVE_UNDECLARED_JOBS, bool),
+    ):
+        if not isinstance(value, kind):
+            error(14, f"{name} must be a {kind.__name__}, not {type(value).__name__}")
+    return errors
+
+
+def _check_declared_jobs() -> list[CheckMessage]:
+    from django_apscheduler_obs.registry import JobDefinitionError, JobRegistry
+
+    jobs = conf.JOBS
+    if not isinstance(jobs, (list, tuple)) or not all(isinstance(j, dict) for j in jobs):
+        return [Error("APSCHEDULER_JOBS must be a list of dicts", id=f"{ID}.E010")]
+    scratch = JobRegistry()
+    scratch._discovered = True
+    messages: list[CheckMessage] = []
+    for entry in jobs:
+        entry = dict(entry)
+        func, trigger = entry.pop("func", None), entry.pop("trigger", None)
+        if func is None or trigger is None:
+            messages.append(Error(f"APSCHEDULER_JOBS entry {entry.get('id', entry)!r} needs "
+                                  "'func' and 'trigger'", id=f"{ID}.E010"))  # fmt: skip
+            continue
+        try:
+            scratch.add(func, trigger, **entry)
+        except JobDefinitionError as exc:
+            messages.append(Error(str(exc), id=f"{ID}.E010"))
+        except TypeError as exc:
+            messages.append(Error(f"APSCHEDULER_JOBS entry {entry.get('id')!r}: {exc}",
+                                  id=f"{ID}.E010"))  # fmt: skip
+    return messages

@@ -1,0 +1,387 @@
+"""Observed executors: the one place where a run is claimed, timed, traced and recorded.
+
+APScheduler 3 sends no event when a run starts, and sends EXECUTED/ERROR/MISSED only after
+``run_job`` returns for every run time (SUBMITTED may even arrive after EXECUTED). Listeners
+alone can measure neither the start delay nor the pure duration, nor put a span around the
+job's code. So ``_do_submit_job`` submits ``observed_run_job`` instead of APScheduler's
+``run_job``; it keeps ``run_job``'s contract (same misfire rule, same events returned), so the
+scheduler and any user listener see exactly what they saw before.
+
+Per fire time::
+
+    misfire check -> fenced claim (INSERT the execution row) -> span + clock -> job.func
+    -> RunRecord -> sinks: history (UPDATE the row), metrics, span status
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import threading
+import time
+import traceback as tb_module
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from apscheduler.events import (
+    EVENT_JOB_ERROR,
+    EVENT_JOB_EXECUTED,
+    EVENT_JOB_MISSED,
+    JobExecutionEvent,
+)
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.job import Job
+from django import db
+
+from django_apscheduler_obs.models import DjangoJobExecution
+from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
+from django_apscheduler_obs.sinks import tracing
+from django_apscheduler_obs.sinks.history import Claim, HistorySink
+
+if TYPE_CHECKING:
+    from django_apscheduler_obs.lease import Lease
+    from django_apscheduler_obs.sinks.metrics import SchedulerMetrics
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_JOB_ID = "django_apscheduler_obs.heartbeat"
+MAX_COALESCE_REPLAY = 1000  # a second-level cron after a day's outage: stop counting there
+
+
+@dataclass(frozen=True)
+class CurrentRun:
+    """What a running job may want to know about itself (``current_run.get()``)."""
+
+    job_id: str
+    run_time: datetime
+    trigger_source: TriggerSource
+    epoch: int | None
+
+
+current_run: contextvars.ContextVar[CurrentRun | None] = contextvars.ContextVar(
+    "apscheduler_current_run", default=None
+)
+
+
+class RunObserver:
+    """The sinks of one scheduler, each isolated so one failing never costs the others."""
+
+    def __init__(
+        self,
+        *,
+        history: HistorySink | None = None,
+        metrics: SchedulerMetrics | None = None,
+        lease: Lease | None = None,
+        is_fenced_store: Callable[[str], bool] = lambda alias: True,
+        max_runtime: Callable[[str], float | None] = lambda job_id: None,
+    ) -> None:
+        self.history = history if history is not None else HistorySink(metrics)
+        self.metrics = metrics
+        self.lease = lease
+        self.is_fenced_store = is_fenced_store
+        self.max_runtime = max_runtime
+        self._running: dict[str, dict[int, float]] = {}  # job id -> {run key: start ts}
+        self._running_lock = threading.Lock()
+
+    @property
+    def group(self) -> str:
+        from django_apscheduler_obs.conf import conf
+
+        return self.lease.group if self.lease is not None else conf.GROUP
+
+    def fence(self, jobstore: str) -> tuple[bool, tuple[str, int] | None]:
+        """(fenced?, (owner, epoch)) for a job of ``jobstore``."""
+        if self.lease is None or not self.is_fenced_store(jobstore):
+            return False, None
+        return True, self.lease.fence()
+
+    def claim(self, job: JobInfo, run_time: datetime, status: str, **kwargs: Any) -> Claim:
+        fenced, fence = self.fence(job.jobstore)
+        if fenced and fence is None:
+            result = Claim.FENCED  # we know locally that we lost the lease: no statement
+        else:
+            result = self.history.claim(job.id, run_time, fence, group=self.group,
+                                        status=status, **kwargs)
+        if self.metrics is not None:
+            self.metrics.claims.labels(self.group, result.value).inc()
+        return result
+
+    def _isolated(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            logger.exception("The %s sink failed; the run and the other sinks are unaffected",
+                             what)
+
+    def started(self, job: JobInfo, key: int, ts: float) -> None:
+        with self._running_lock:
+            self._running.setdefault(job.id, {})[key] = ts
+        if self.metrics is not None:
+            self._isolated("metrics", self.metrics.run_started, job)
+
+    def finished(self, job: JobInfo, key: int) -> None:
+        with self._running_lock:
+            runs = self._running.get(job.id)
+            if runs is not None:
+                runs.pop(key, None)
+                if not runs:
+                    del self._running[job.id]
+        if self.metrics is not None:
+            self._isolated("metrics", self.metrics.run_finished, job)
+
+    def oldest_running(self) -> dict[str, float]:
+        """Start (unix time) of the oldest run still going, per job: the stuck alert's input."""
+        with self._running_lock:
+            return {job_id: min(runs.values()) for job_id, runs in self._running.items() if runs}
+
+    def record(self, record: RunRecord, *, history: bool = True) -> None:
+        if history:
+            self._isolated("history", self.history.record, record)
+        if self.metrics is not None:
+            self._isolated("metrics", self.metrics.record, record)
+
+    def skip(self, job_id: str, reason: str, count: int = 1) -> None:
+        if self.metrics is not None:
+            self._isolated("metrics", self.metrics.skip, job_id, reason, count)
+
+
+def count_coalesced(job: Job, run_times: list[datetime]) -> int:
+    """Fire times that ``coalesce=True`` dropped before this submission (APScheduler drops
+    them without any event), found by replaying the trigger from the job's stored next run."""
+    if not run_times or not job.coalesce or job.next_run_time is None:
+        return 0
+    last = run_times[-1]
+    count = 0
+    fire_time: datetime | None = job.next_run_time
+    while fire_time is not None and fire_time < last and count < MAX_COALESCE_REPLAY:
+        count += 1
+        fire_time = job.trigger.get_next_fire_time(fire_time, last)
+    return count
+
+
+def observed_run_job(
+    observer: RunObserver,
+    job: Job,
+    jobstore_alias: str,
+    run_times: list[datetime],
+    logger_name: str,
+    *,
+    coalesced: int = 0,
+    trigger_source: TriggerSource = TriggerSource.SCHEDULE,
+    traceparent: str | None = None,
+) -> list[JobExecutionEvent]:
+    """APScheduler's ``run_job`` contract, with a claim, a span and a record per run time."""
+    run_logger = logging.getLogger(logger_name)
+    events: list[JobExecutionEvent] = []
+    info = JobInfo.of(job)
+    if not info.jobstore:
+        info = JobInfo(**{**info.__dict__, "jobstore": jobstore_alias})
+    if coalesced:
+        observer.skip(job.id, "coalesced", coalesced)
+    db.close_old_connections()
+    try:
+        for run_time in run_times:
+            events.extend(
+                _run_one(observer, job, info, jobstore_alias, run_time, run_logger,
+                         coalesced=coalesced, trigger_source=trigger_source,
+                         traceparent=traceparent)
+            )  # fmt: skip
+            coalesced = 0
+    finally:
+        db.close_old_connections()
+    return events
+
+
+def _run_one(
+    observer: RunObserver,
+    job: Job,
+    info: JobInfo,
+    jobstore_alias: str,
+    run_time: datetime,
+    run_logger: logging.Logger,
+    *,
+    coalesced: int,
+    trigger_source: TriggerSource,
+    traceparent: str | None,
+) -> list[JobExecutionEvent]:
+    # The misfire rule of APScheduler's run_job, unchanged.
+    if job.misfire_grace_time is not None and trigger_source is TriggerSource.SCHEDULE:
+        difference = datetime.now(timezone.utc) - run_time
+        if difference > timedelta(seconds=job.misfire_grace_time):
+            run_logger.warning('Run time of job "%s" was missed by %s', job, difference)
+            claim = observer.claim(
+                info, run_time, DjangoJobExecution.MISSED,
+                exception=f"Run time of job '{job.id}' was missed by {difference}",
+            )  # fmt: skip
+            if claim in (Claim.CLAIMED, Claim.ERROR):
+                if claim is Claim.ERROR:  # keep the record: written when the DB is back
+                    observer.history.record_skip(
+                        job.id, run_time, DjangoJobExecution.MISSED,
+                        f"Run time of job '{job.id}' was missed by {difference}",
+                    )  # fmt: skip
+                observer.record(RunRecord(info, run_time, Outcome.MISSED), history=False)
+                return [JobExecutionEvent(EVENT_JOB_MISSED, job.id, jobstore_alias, run_time)]
+            return []
+
+    started_wall = datetime.now(timezone.utc)
+    claim = observer.claim(info, run_time, DjangoJobExecution.SENT, started=started_wall,
+                           trigger_source=trigger_source)
+    if claim is not Claim.CLAIMED:
+        if claim is Claim.ERROR:
+            # Not claimed, so not run (at most once). The job store did not advance the
+            # stored next run either if the DB is down, so the fire time is replayed when it
+            # returns; if it is not replayed, this row says why.
+            observer.history.record_skip(
+                job.id, run_time, DjangoJobExecution.MISSED,
+                f"Not run: the database was unreachable when '{job.id}' was due",
+            )
+        else:
+            run_logger.info('Skipping job "%s" at %s: %s', job, run_time, claim.value)
+        return []
+
+    lease = observer.lease if observer.is_fenced_store(info.jobstore) else None
+    record = RunRecord(
+        info,
+        run_time,
+        Outcome.SUCCESS,
+        # The claim wrote our identity as owner; the final UPDATE matches on it.
+        owner=lease.identity if lease is not None else "",
+        epoch=lease.epoch if lease is not None else None,
+        trigger_source=trigger_source,
+        coalesced=coalesced,
+    )
+    key = id(record)
+    events: list[JobExecutionEvent] = []
+    with tracing.run_span(info, record, traceparent=traceparent) as span:
+        record.started = datetime.now(timezone.utc)
+        record.start_delay = (record.started - run_time).total_seconds()
+        observer.started(info, key, record.started.timestamp())
+        token = current_run.set(CurrentRun(job.id, run_time, trigger_source, record.epoch))
+        run_logger.info('Running job "%s" (scheduled at %s)', job, run_time)
+        t0 = time.perf_counter()
+        try:
+            retval = job.func(*job.args, **job.kwargs)
+        except BaseException:
+            record.duration = time.perf_counter() - t0
+            exc, tb = sys.exc_info()[1:]
+            assert exc is not None
+            record.outcome = Outcome.ERROR
+            record.exception = exc
+            record.traceback = "".join(tb_module.format_tb(tb))
+            run_logger.exception('Job "%s" raised an exception', job)
+            events.append(
+                JobExecutionEvent(EVENT_JOB_ERROR, job.id, jobstore_alias, run_time,
+                                  exception=exc, traceback=record.traceback)
+            )  # fmt: skip
+            tb_module.clear_frames(tb)
+            del tb
+        else:
+            record.duration = time.perf_counter() - t0
+            run_logger.info('Job "%s" executed successfully', job)
+            events.append(
+                JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, jobstore_alias, run_time,
+                                  retval=retval)
+            )  # fmt: skip
+        finally:
+            current_run.reset(token)
+            record.finished = datetime.now(timezone.utc)
+            observer.finished(info, key)
+        try:
+            tracing.finish_span(span, record)
+        except Exception:
+            logger.exception("The tracing sink failed")
+    observer.record(record)
+    return events
+
+
+class ObservedExecutorMixin:
+    """Submits ``observed_run_job`` in place of APScheduler's ``run_job``."""
+
+    observer: RunObserver
+    _pool: Any
+    _logger: logging.Logger
+    _run_job_error: Callable[..., None]
+    _run_job_success: Callable[..., None]
+
+    def _do_submit_job(self, job: Job, run_times: list[datetime]) -> None:
+        if job.id == HEARTBEAT_JOB_ID:  # the canary: through the pool, nothing recorded
+            self._submit(job, run_times, lambda: _heartbeat(job, run_times))
+            return
+        coalesced = count_coalesced(job, run_times)
+        self._submit(
+            job,
+            run_times,
+            lambda: observed_run_job(
+                self.observer, job, job._jobstore_alias, run_times, self._logger.name,
+                coalesced=coalesced,
+            ),
+        )  # fmt: skip
+
+    def submit_run_now(
+        self, job: Job, run_time: datetime, *, traceparent: str | None = None
+    ) -> None:
+        """Run ``job`` once for ``run_time`` outside its trigger (admin run-now)."""
+        self._submit(
+            job,
+            [run_time],
+            lambda: observed_run_job(
+                self.observer, job, job._jobstore_alias, [run_time], self._logger.name,
+                trigger_source=TriggerSource.RUN_NOW, traceparent=traceparent,
+            ),
+            count_instance=False,
+        )  # fmt: skip
+
+    def _submit(
+        self,
+        job: Job,
+        run_times: list[datetime],
+        fn: Callable[[], list[JobExecutionEvent]],
+        count_instance: bool = True,
+    ) -> None:
+        def callback(f: Any) -> None:
+            exc = f.exception()
+            if not count_instance:
+                if exc:
+                    self._logger.error("Error running job %s", job.id, exc_info=exc)
+                return
+            if exc:
+                self._run_job_error(job.id, exc, getattr(exc, "__traceback__", None))
+            else:
+                self._run_job_success(job.id, f.result())
+
+        future = self._pool.submit(fn)
+        future.add_done_callback(callback)
+
+    @property
+    def busy_workers(self) -> int:
+        return sum(self._instances.values()) if hasattr(self, "_instances") else 0
+
+    @property
+    def max_workers(self) -> int:
+        return int(getattr(self._pool, "_max_workers", 0))
+
+
+def _heartbeat(job: Job, run_times: list[datetime]) -> list[JobExecutionEvent]:
+    job.func(*job.args, **job.kwargs)
+    return [JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, job._jobstore_alias, run_times[-1])]
+
+
+class ObservedThreadPoolExecutor(ObservedExecutorMixin, ThreadPoolExecutor):
+    """``ThreadPoolExecutor`` whose runs are claimed, timed, traced and recorded.
+
+    Plugin alias: ``observed_threadpool``. Without an observer (created by alias from a
+    config dict) it records history only, with no lease and no metrics.
+    """
+
+    def __init__(
+        self,
+        max_workers: int = 10,
+        pool_kwargs: dict[str, Any] | None = None,
+        *,
+        observer: RunObserver | None = None,
+    ) -> None:
+        super().__init__(max_workers, pool_kwargs)
+        self.observer = observer if observer is not None else RunObserver()

@@ -1,0 +1,390 @@
+"""``DjangoJobStore``: APScheduler jobs stored with the Django ORM.
+
+Compatible with django-apscheduler 0.7's store, with three changes that keep data and the
+scheduler alive:
+
+* a job whose state cannot be restored (its module is gone, the pickle is corrupt) is kept,
+  flagged in ``restore_error``, logged once and skipped, never deleted with its history;
+* database errors on the scheduler's own path never escape into APScheduler's loop (an
+  exception there ends the scheduler thread); the fire time is replayed on the next pass and
+  the claim makes the replay idempotent;
+* with a ``Lease``, only the leader sees due jobs, and the leader's writes of a job's state are
+  fenced by its epoch and the job's version, so a deposed leader cannot overwrite anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+from apscheduler import events
+from apscheduler.job import Job
+from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
+from apscheduler.jobstores.memory import MemoryJobStore
+from apscheduler.schedulers.base import BaseScheduler
+from django import db
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import Exists, F, OuterRef
+
+from django_apscheduler_obs import signing
+from django_apscheduler_obs.conf import conf
+from django_apscheduler_obs.lease import Lease, bump_change_counter
+from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
+from django_apscheduler_obs.util import (
+    DbNow,
+    get_apscheduler_datetime,
+    get_django_internal_datetime,
+    reset_connection,
+    retry_on_db_operational_error,
+)
+
+logger = logging.getLogger(__name__)
+
+_loop = threading.local()
+
+
+@contextlib.contextmanager
+def scheduler_loop() -> Iterator[None]:
+    """Marks the scheduler's own pass over due jobs: its writes are the fenced kind."""
+    _loop.active = True
+    try:
+        yield
+    finally:
+        _loop.active = False
+
+
+def in_scheduler_loop() -> bool:
+    return getattr(_loop, "active", False)
+
+
+class DjangoJobStore(BaseJobStore):
+    """Stores jobs in the Django database.
+
+    :param pickle_protocol: pickle protocol level used to serialize job state
+    :param lease: the scheduler's lease; without one every process sees every due job
+        (django-apscheduler 0.7's behaviour: run only one scheduler then)
+    """
+
+    def __init__(
+        self, pickle_protocol: int = pickle.HIGHEST_PROTOCOL, *, lease: Lease | None = None
+    ) -> None:
+        super().__init__()
+        self.pickle_protocol = pickle_protocol
+        self.lease = lease
+        self.on_stale_write: Callable[[], None] | None = None
+        self._versions: dict[str, int] = {}
+        self._restore_logged: set[str] = set()
+
+    def start(self, scheduler: BaseScheduler, alias: str) -> None:
+        super().start(scheduler, alias)
+        from django_apscheduler_obs.executors import ObservedExecutorMixin
+
+        executors = scheduler._executors.values()  # type: ignore[attr-defined]
+        if not all(isinstance(e, ObservedExecutorMixin) for e in executors):
+            # A scheduler built the 0.7 way (stock executors): keep 0.7's history listeners.
+            register_history_listeners(scheduler)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def _leading(self) -> bool:
+        return self.lease is None or self.lease.is_leader()
+
+    @retry_on_db_operational_error
+    def lookup_job(self, job_id: str) -> Job | None:
+        row = DjangoJob.objects.filter(id=job_id).values_list("job_state", flat=True).first()
+        if row is None:
+            return None
+        return self._restore(job_id, bytes(row))
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        if not self._leading():
+            return []
+        return self._get_jobs(next_run_time__lte=get_django_internal_datetime(now))
+
+    def get_next_run_time(self) -> datetime | None:
+        if not self._leading():
+            return None  # a standby sleeps until the lease thread wakes it
+        try:
+            value = (
+                DjangoJob.objects.filter(next_run_time__isnull=False, restore_error="")
+                .order_by("next_run_time")
+                .values_list("next_run_time", flat=True)
+                .first()
+            )
+        except DatabaseError:
+            logger.warning("Could not read the next run time; retrying in 1 s", exc_info=True)
+            reset_connection()
+            return self._now() + timedelta(seconds=1)
+        next_run = get_apscheduler_datetime(value, self._scheduler) if value else None
+        if self.lease is not None:
+            # Jobs edited by other processes are seen at least this often (change poll aside).
+            cap = self._now() + timedelta(seconds=conf.MAX_SLEEP)
+            next_run = min(next_run, cap) if next_run else cap
+        return next_run
+
+    def get_all_jobs(self) -> list[Job]:
+        jobs = self._get_jobs()
+        self._fix_paused_jobs_sorting(jobs)
+        return jobs
+
+    # -- writes ---------------------------------------------------------------------------
+
+    @retry_on_db_operational_error
+    def add_job(self, job: Job) -> None:
+        try:
+            with transaction.atomic():
+                DjangoJob.objects.create(
+                    id=job.id,
+                    next_run_time=get_django_internal_datetime(job.next_run_time),
+                    job_state=self._dumps(job),
+                )
+        except IntegrityError:
+            raise ConflictingIdError(job.id) from None
+        transaction.on_commit(lambda: bump_change_counter(self._group))
+
+    def update_job(self, job: Job) -> None:
+        if in_scheduler_loop():
+            self._update_from_loop(job)
+            return
+        n = self._plain_update(job)
+        if n == 0:
+            raise JobLookupError(job.id)
+        transaction.on_commit(lambda: bump_change_counter(self._group))
+
+    @retry_on_db_operational_error
+    def _plain_update(self, job: Job) -> int:
+        return DjangoJob.objects.filter(id=job.id).update(
+            next_run_time=get_django_internal_datetime(job.next_run_time),
+            job_state=self._dumps(job),
+            version=F("version") + 1,
+            restore_error="",
+        )
+
+    def _update_from_loop(self, job: Job) -> None:
+        """The leader advancing a job after submitting it: fenced, versioned, never raises.
+
+        0 rows means we lost the lease or someone edited the job meanwhile (their edit wins).
+        """
+        qs = DjangoJob.objects.filter(id=job.id)
+        version = self._versions.get(job.id)
+        if version is not None:
+            qs = qs.filter(version=version)
+        if self.lease is not None:
+            fence = self.lease.fence()
+            if fence is None:
+                self._stale()
+                return
+            qs = qs.filter(Exists(self._fence_qs(*fence)))
+        try:
+            n = qs.update(
+                next_run_time=get_django_internal_datetime(job.next_run_time),
+                job_state=self._dumps(job),
+                version=F("version") + 1,
+            )
+        except DatabaseError:
+            logger.warning("Could not save job %r after submitting it; it is replayed (and "
+                           "deduplicated by its claim) on the next pass", job.id, exc_info=True)
+            reset_connection()
+            return
+        if n == 0:
+            self._stale()
+        elif version is not None:
+            self._versions[job.id] = version + 1
+
+    def remove_job(self, job_id: str) -> None:
+        if in_scheduler_loop():
+            # A one-off job after its last run. Fenced like an update.
+            qs = DjangoJob.objects.filter(id=job_id)
+            if self.lease is not None:
+                fence = self.lease.fence()
+                if fence is None:
+                    self._stale()
+                    return
+                qs = qs.filter(Exists(self._fence_qs(*fence)))
+            try:
+                qs.delete()
+            except DatabaseError:
+                logger.warning("Could not remove finished job %r", job_id, exc_info=True)
+                reset_connection()
+            self._versions.pop(job_id, None)
+            return
+        if not self._delete(job_id):
+            raise JobLookupError(job_id)
+        self._versions.pop(job_id, None)
+        transaction.on_commit(lambda: bump_change_counter(self._group))
+
+    @retry_on_db_operational_error
+    def _delete(self, job_id: str) -> int:
+        return DjangoJob.objects.filter(id=job_id).delete()[0]
+
+    @retry_on_db_operational_error
+    def remove_all_jobs(self) -> None:
+        # Unlike 0.7, the execution history is kept: cleanup prunes it by age.
+        DjangoJob.objects.all().delete()
+        self._versions.clear()
+        transaction.on_commit(lambda: bump_change_counter(self._group))
+
+    def shutdown(self) -> None:
+        db.connection.close()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @property
+    def _group(self) -> str:
+        return self.lease.group if self.lease is not None else conf.GROUP
+
+    def _now(self) -> datetime:
+        return datetime.now(self._scheduler.timezone if self._scheduler else None)
+
+    def _fence_qs(self, owner: str, epoch: int) -> Any:
+        return SchedulerLease.objects.filter(
+            name=self._group, owner=owner, epoch=epoch, expires_at__gt=DbNow()
+        ).values("name")
+
+    def _stale(self) -> None:
+        if self.on_stale_write is not None:
+            self.on_stale_write()
+
+    def _dumps(self, job: Job) -> bytes:
+        return signing.sign(pickle.dumps(job.__getstate__(), self.pickle_protocol))
+
+    def _reconstitute_job(self, job_state: bytes) -> Job:
+        state = pickle.loads(signing.verify(job_state))  # noqa: S301 - signed by us
+        job = Job.__new__(Job)
+        job.__setstate__(state)
+        job._scheduler = self._scheduler
+        job._jobstore_alias = self._alias
+        return job
+
+    def _restore(self, job_id: str, job_state: bytes) -> Job | None:
+        try:
+            return self._reconstitute_job(job_state)
+        except Exception as exc:
+            self._flag_unrestorable(job_id, exc)
+            return None
+
+    def _flag_unrestorable(self, job_id: str, exc: Exception) -> None:
+        """Keep the job and its history; say so once, where people look."""
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        if job_id not in self._restore_logged:
+            self._restore_logged.add(job_id)
+            logger.error("Unable to restore job %r (%s). It is kept and skipped; fix the code "
+                         "or remove the job.", job_id, reason)
+        try:
+            DjangoJob.objects.filter(id=job_id, restore_error="").update(restore_error=reason)
+        except DatabaseError:
+            reset_connection()
+
+    @retry_on_db_operational_error
+    def _get_jobs(self, **filters: Any) -> list[Job]:
+        jobs = []
+        rows = (
+            DjangoJob.objects.filter(restore_error="", **filters)
+            .order_by("next_run_time")
+            .values_list("id", "job_state", "version")
+        )
+        for job_id, job_state, version in rows:
+            job = self._restore(job_id, bytes(job_state))
+            if job is not None:
+                self._versions[job_id] = version
+                jobs.append(job)
+        return jobs
+
+    def __repr__(self) -> str:
+        return f"<{self.__class__.__name__}(pickle_protocol={self.pickle_protocol})>"
+
+
+class DjangoMemoryJobStore(MemoryJobStore):
+    """A ``MemoryJobStore`` whose runs are recorded in the Django database (0.7 API)."""
+
+    def start(self, scheduler: BaseScheduler, alias: str) -> None:
+        super().start(scheduler, alias)
+        from django_apscheduler_obs.executors import ObservedExecutorMixin
+
+        executors = scheduler._executors.values()  # type: ignore[attr-defined]
+        if not all(isinstance(e, ObservedExecutorMixin) for e in executors):
+            register_history_listeners(scheduler)
+
+
+# -- 0.7's event listeners, for schedulers whose executors are not observed --------------
+
+
+def register_history_listeners(scheduler: BaseScheduler) -> None:
+    """Record executions from events (0.7 semantics: duration counts from the fire time)."""
+    if getattr(scheduler, "_django_apscheduler_obs_listeners", False):
+        return
+    scheduler._django_apscheduler_obs_listeners = True  # type: ignore[attr-defined]
+    from django_apscheduler_obs.sinks.history import legacy_update_or_create
+
+    lock = scheduler._create_lock()  # type: ignore[attr-defined]
+
+    def on_event(event: Any) -> None:
+        code = event.code
+        if code == events.EVENT_JOB_SUBMITTED:
+            args: tuple[Any, ...] = (DjangoJobExecution.SENT, None, None)
+            run_time = event.scheduled_run_times[0]
+        elif code == events.EVENT_JOB_MAX_INSTANCES:
+            msg = (f"Execution of job '{event.job_id}' skipped: maximum number of running "
+                   "instances reached!")  # fmt: skip
+            args, run_time = (DjangoJobExecution.MAX_INSTANCES, msg, None), event.scheduled_run_times[0]
+        elif code == events.EVENT_JOB_EXECUTED:
+            args, run_time = (DjangoJobExecution.SUCCESS, None, None), event.scheduled_run_time
+        elif code == events.EVENT_JOB_ERROR:
+            exc = str(event.exception) if event.exception else f"Job '{event.job_id}' raised an error!"
+            args = (DjangoJobExecution.ERROR, exc[:1000], str(event.traceback) if event.exception else None)
+            run_time = event.scheduled_run_time
+        else:  # EVENT_JOB_MISSED
+            msg = f"Run time of job '{event.job_id}' was missed!"
+            args, run_time = (DjangoJobExecution.MISSED, msg, None), event.scheduled_run_time
+        try:
+            with lock:
+                legacy_update_or_create(event.job_id, run_time, *args)
+        except DatabaseError:
+            logger.warning("Could not record an execution of job %r", event.job_id,
+                           exc_info=True)
+            reset_connection()
+
+    scheduler.add_listener(
+        on_event,
+        events.EVENT_JOB_SUBMITTED
+        | events.EVENT_JOB_MAX_INSTANCES
+        | events.EVENT_JOB_EXECUTED
+        | events.EVENT_JOB_ERROR
+        | events.EVENT_JOB_MISSED,
+    )
+
+
+def register_events(scheduler: BaseScheduler, result_storage: Any = None) -> None:
+    """Deprecated since django-apscheduler 0.4: listeners are registered automatically."""
+    warnings.warn(
+        "'register_events' is deprecated since version 0.4.0. Please remove all references "
+        "from your code.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+
+
+def register_job(scheduler: BaseScheduler, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+    """Deprecated 0.7 decorator: ``@register_job(scheduler, "interval", seconds=1)``.
+
+    Prefer ``django_apscheduler_obs.registry.scheduled_job`` (no scheduler object needed).
+    """
+
+    def wrapper_register_job(func: Callable[..., Any]) -> Callable[..., Any]:
+        warnings.warn(
+            "The 'register_job' decorator is deprecated since version 0.5.0. Please use "
+            "APScheduler's add_job() method or @scheduled_job decorator instead.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        kwargs.setdefault("id", f"{func.__module__}.{func.__name__}")
+        scheduler.add_job(func, *args, **kwargs)
+        return func
+
+    return wrapper_register_job

@@ -1,0 +1,298 @@
+"""The execution-history sink: the fenced claim before a run, the final status after it.
+
+Two data statements per run on the hot path: the claim (one ``INSERT … SELECT`` that also
+checks the lease) and the final ``UPDATE``. A final status that cannot be written because the
+database is down is buffered in memory (bounded) and written when the database returns.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from django.db import DatabaseError, IntegrityError, connections, router
+from django.utils import timezone
+
+from django_apscheduler_obs.conf import conf
+from django_apscheduler_obs.models import DjangoJobExecution, SchedulerLease
+from django_apscheduler_obs.runs import Outcome, RunRecord, TriggerSource
+from django_apscheduler_obs.util import db_now_sql, get_django_internal_datetime, reset_connection
+
+if TYPE_CHECKING:
+    from django_apscheduler_obs.sinks.metrics import SchedulerMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class Claim(str, enum.Enum):
+    CLAIMED = "claimed"  # this process owns the fire time: run it
+    CONFLICT = "conflict"  # someone already claimed it (a replay or another leader): skip
+    FENCED = "fenced"  # we are not the leader (any more): skip
+    ERROR = "error"  # the database did not answer: skip, the fire time is replayed later
+
+
+def _db_alias() -> str:
+    return router.db_for_write(DjangoJobExecution)
+
+
+def _ts(dt: datetime | None) -> Decimal | None:
+    return None if dt is None else Decimal(f"{dt.timestamp():.6f}")
+
+
+def _dec(value: float | None) -> Decimal | None:
+    return None if value is None else Decimal(f"{value:.6f}")
+
+
+class HistorySink:
+    """Writes ``DjangoJobExecution`` rows; never raises into the run path."""
+
+    def __init__(self, metrics: SchedulerMetrics | None = None) -> None:
+        self.metrics = metrics
+        self._pending: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
+        self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopped = False
+
+    # -- the claim ---------------------------------------------------------------------------
+
+    def claim(
+        self,
+        job_id: str,
+        run_time: datetime,
+        fence: tuple[str, int] | None,
+        *,
+        group: str,
+        status: str = DjangoJobExecution.SENT,
+        started: datetime | None = None,
+        trigger_source: TriggerSource = TriggerSource.SCHEDULE,
+        exception: str | None = None,
+    ) -> Claim:
+        """Insert the execution row for ``(job_id, run_time)`` in one statement.
+
+        With a fence, the row is inserted only if ``(owner, epoch)`` still holds the unexpired
+        lease *in the database*, so a deposed leader cannot claim a run. ``FOR SHARE`` makes
+        PostgreSQL/MariaDB re-read the newest lease row instead of the statement's snapshot.
+        """
+        alias = _db_alias()
+        conn = connections[alias]
+        ex = DjangoJobExecution._meta
+        qn = conn.ops.quote_name
+        cols = [
+            "job_id", "run_time", "status", "owner", "epoch", "started", "trigger_source",
+            "error_type", "trace_id", "span_id", "exception",
+        ]  # fmt: skip
+        rt = conn.ops.adapt_datetimefield_value(get_django_internal_datetime(run_time))
+        st = conn.ops.adapt_datetimefield_value(
+            get_django_internal_datetime(started or timezone.now())
+        )
+        col_sql = ", ".join(qn(ex.get_field(c).column) for c in cols)
+        try:
+            with conn.cursor() as cursor:
+                if fence is None:
+                    cursor.execute(
+                        f"INSERT INTO {qn(ex.db_table)} ({col_sql}) "
+                        "VALUES (%s, %s, %s, %s, NULL, %s, %s, '', '', '', %s)",
+                        [job_id, rt, status, "", st, trigger_source.value, exception],
+                    )
+                else:
+                    owner, epoch = fence
+                    lease_table = qn(SchedulerLease._meta.db_table)
+                    lock = {"postgresql": " FOR SHARE", "mysql": " LOCK IN SHARE MODE"}.get(
+                        conn.vendor, ""
+                    )
+                    cursor.execute(
+                        f"INSERT INTO {qn(ex.db_table)} ({col_sql}) "
+                        f"SELECT %s, %s, %s, {qn('owner')}, {qn('epoch')}, %s, %s, '', '', '', %s "
+                        f"FROM {lease_table} WHERE {qn('name')} = %s AND {qn('owner')} = %s "
+                        f"AND {qn('epoch')} = %s AND {qn('expires_at')} > {db_now_sql(conn.vendor)}"
+                        f"{lock}",
+                        [job_id, rt, status, st, trigger_source.value, exception,
+                         group, owner, epoch],
+                    )  # fmt: skip
+                inserted = cursor.rowcount
+        except IntegrityError:
+            return Claim.CONFLICT
+        except DatabaseError:
+            logger.warning("Could not claim %s at %s: database error", job_id, run_time,
+                           exc_info=True)
+            reset_connection(alias)
+            self._count_error("claim")
+            return Claim.ERROR
+        return Claim.CLAIMED if inserted == 1 else Claim.FENCED
+
+    # -- after the run -----------------------------------------------------------------------
+
+    def record(self, record: RunRecord) -> None:
+        """Write the final status of a claimed run (buffered if the database is down)."""
+        status = {
+            Outcome.SUCCESS: DjangoJobExecution.SUCCESS,
+            Outcome.ERROR: DjangoJobExecution.ERROR,
+            Outcome.MISSED: DjangoJobExecution.MISSED,
+        }[record.outcome]
+        values: dict[str, Any] = {
+            "status": status,
+            "finished": _ts(record.finished),
+            "duration": _dec(record.duration),
+            "started": get_django_internal_datetime(record.started) if record.started else None,
+            "start_delay": record.start_delay,
+            "exception": record.exception_text,
+            "traceback": record.traceback,
+            "error_type": record.error_type[:200],
+            "trace_id": record.trace_id,
+            "span_id": record.span_id,
+        }
+        job_id, run_time, owner = record.job.id, record.run_time, record.owner
+
+        def write() -> None:
+            DjangoJobExecution.objects.filter(
+                job_id=job_id, run_time=get_django_internal_datetime(run_time), owner=owner
+            ).update(**values)
+
+        self._write("finish", write)
+
+    def record_skip(self, job_id: str, run_time: datetime, status: str, message: str) -> None:
+        """A fire time that did not run (max_instances; or missed while the DB was down)."""
+
+        def write() -> None:
+            try:
+                DjangoJobExecution.objects.create(
+                    job_id=job_id,
+                    run_time=get_django_internal_datetime(run_time),
+                    status=status,
+                    exception=message,
+                    finished=_ts(timezone.now()),
+                )
+            except IntegrityError:  # already recorded (claimed, or a replay): keep that row
+                pass
+
+        self._write("skip", write)
+
+    # -- the buffer --------------------------------------------------------------------------
+
+    def _write(self, operation: str, write: Callable[[], None]) -> None:
+        if self._pending:  # keep order: never overtake what is already waiting
+            self._enqueue(operation, write)
+            return
+        try:
+            write()
+        except DatabaseError:
+            logger.warning("Could not write execution history (%s); buffering it", operation,
+                           exc_info=True)
+            reset_connection(_db_alias())
+            self._count_error(operation)
+            self._enqueue(operation, write)
+
+    def _enqueue(self, operation: str, write: Callable[[], None]) -> None:
+        with self._lock:
+            if len(self._pending) >= conf.HISTORY_BUFFER_SIZE:
+                dropped_op, _ = self._pending.popleft()
+                logger.error("Execution history buffer full (%d): dropped the oldest %s write",
+                             conf.HISTORY_BUFFER_SIZE, dropped_op)
+                if self.metrics:
+                    self.metrics.history_dropped()
+            self._pending.append((operation, write))
+            if self.metrics:
+                self.metrics.history_pending(len(self._pending))
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(
+                    target=self._flush_loop, name="apscheduler-history-flush", daemon=True
+                )
+                self._flusher.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> bool:
+        """Write what is buffered, oldest first; stop at the first failure. True if empty."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return True
+                operation, write = self._pending[0]
+            try:
+                write()
+            except DatabaseError:
+                reset_connection(_db_alias())
+                return False
+            with self._lock:
+                if self._pending and self._pending[0][1] is write:
+                    self._pending.popleft()
+                if self.metrics:
+                    self.metrics.history_pending(len(self._pending))
+
+    def _flush_loop(self) -> None:
+        delay = 0.5
+        while not self._stopped:
+            if self.flush():
+                logger.info("Execution history buffer written to the database")
+                return
+            self._wake.wait(delay)
+            self._wake.clear()
+            delay = min(delay * 2, 5.0)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """On shutdown: one last attempt; what still cannot be written is logged, not lost silently."""
+        self._wake.set()
+        if not self.flush():
+            logger.error("%d execution history write(s) could not be saved before exit",
+                         len(self._pending))
+        self._stopped = True
+
+    def _count_error(self, operation: str) -> None:
+        if self.metrics:
+            self.metrics.history_write_error(operation)
+
+
+# -- django-apscheduler 0.7 listener behaviour, for schedulers that use stock executors -----
+
+
+def legacy_update_or_create(
+    job_id: str,
+    run_time: datetime,
+    status: str,
+    exception: str | None = None,
+    traceback: str | None = None,
+) -> DjangoJobExecution:
+    """0.7's state machine on events: SUBMITTED creates, EXECUTED/ERROR/MISSED finish.
+
+    Used only when a scheduler runs jobs through an executor that is not observed; the
+    observed executors write rows themselves with true timings.
+    """
+    run_time = get_django_internal_datetime(run_time)
+    now = timezone.now()
+    try:
+        execution = DjangoJobExecution.objects.get(job_id=job_id, run_time=run_time)
+    except DjangoJobExecution.DoesNotExist:
+        final = status != DjangoJobExecution.SENT
+        try:
+            return DjangoJobExecution.objects.create(
+                job_id=job_id,
+                run_time=run_time,
+                status=status,
+                finished=_ts(now) if final else None,
+                duration=_dec((now - run_time).total_seconds()) if final else None,
+                exception=exception,
+                traceback=traceback,
+            )
+        except IntegrityError:
+            execution = DjangoJobExecution.objects.get(job_id=job_id, run_time=run_time)
+    if status == DjangoJobExecution.SENT:
+        # EXECUTED may arrive before SUBMITTED (APScheduler dispatches SUBMITTED after its loop).
+        return execution
+    execution.status = status
+    execution.finished = _ts(now)
+    execution.duration = _dec((now - run_time).total_seconds())
+    if exception:
+        execution.exception = exception[:1000]
+    if traceback:
+        execution.traceback = traceback
+    execution.save()
+    return execution

@@ -1,0 +1,180 @@
+"""The OpenTelemetry sink: one INTERNAL span per run, wrapping the job's own code.
+
+The span is current while the job's function runs, so database or HTTP spans made by the job
+nest under it, and log records carry its trace and span ids. With no SDK configured the API
+hands out non-recording spans: no cost beyond a few attribute checks.
+
+There is no ``job.*`` namespace in the semantic conventions yet, so system-specific attributes
+live under ``apscheduler.*`` (as the Celery instrumentation uses ``celery.*``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from django_apscheduler_obs.runs import JobInfo, RunRecord
+
+TRACER_NAME = "django_apscheduler_obs"
+
+# Attribute keys (constants, as the Celery instrumentation keeps them).
+CODE_FUNCTION = "code.function.name"
+ERROR_TYPE = "error.type"
+JOB_ID = "apscheduler.job.id"
+JOB_NAME = "apscheduler.job.name"
+JOB_TRIGGER = "apscheduler.job.trigger"
+JOB_EXECUTOR = "apscheduler.job.executor"
+JOB_JOBSTORE = "apscheduler.job.jobstore"
+SCHEDULED_TIME = "apscheduler.job.scheduled_time"
+START_DELAY = "apscheduler.job.start_delay"
+COALESCED = "apscheduler.job.coalesced_runs"
+TRIGGER_SOURCE = "apscheduler.run.trigger_source"
+OUTCOME = "apscheduler.run.outcome"
+OWNER = "apscheduler.scheduler.owner"
+EPOCH = "apscheduler.scheduler.epoch"
+
+
+def _tracer() -> trace.Tracer:
+    from django_apscheduler_obs import __version__
+
+    return trace.get_tracer(TRACER_NAME, __version__)
+
+
+def _exception_as_event() -> bool:
+    """Exception span events are deprecated in favour of logs; honour the semconv opt-in."""
+    opt_in = os.environ.get("OTEL_SEMCONV_EXCEPTION_SIGNAL_OPT_IN", "")
+    return opt_in in ("", "logs/dup")
+
+
+@contextlib.contextmanager
+def run_span(
+    job: JobInfo,
+    record: RunRecord,
+    *,
+    traceparent: str | None = None,
+) -> Iterator[trace.Span]:
+    """Start the run's span as a new root; a run-now request's trace is *linked*, not parent."""
+    links = []
+    if traceparent:
+        remote = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
+        if remote.is_valid:
+            links.append(Link(remote))
+    token = otel_context.attach(otel_context.Context())  # a run is a root, whatever the thread
+    try:
+        with _tracer().start_as_current_span(
+            f"run {job.id}",
+            kind=SpanKind.INTERNAL,
+            links=links,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            ctx = span.get_span_context()
+            if ctx.is_valid:
+                record.trace_id = format(ctx.trace_id, "032x")
+                record.span_id = format(ctx.span_id, "016x")
+                record.sampled = ctx.trace_flags.sampled
+            if span.is_recording():
+                attrs: dict[str, Any] = {
+                    CODE_FUNCTION: job.code_function,
+                    JOB_ID: job.id,
+                    JOB_NAME: job.name,
+                    JOB_TRIGGER: job.trigger,
+                    JOB_EXECUTOR: job.executor,
+                    JOB_JOBSTORE: job.jobstore,
+                    SCHEDULED_TIME: record.run_time.isoformat(),
+                    TRIGGER_SOURCE: record.trigger_source.value,
+                }
+                if record.epoch is not None:
+                    attrs[OWNER] = record.owner
+                    attrs[EPOCH] = record.epoch
+                if record.coalesced:
+                    attrs[COALESCED] = record.coalesced
+                span.set_attributes(attrs)
+            yield span
+    finally:
+        otel_context.detach(token)
+
+
+def finish_span(span: trace.Span, record: RunRecord) -> None:
+    """Set what is known only after the run: outcome, delay, error."""
+    if not span.is_recording():
+        return
+    span.set_attribute(OUTCOME, record.outcome.value)
+    if record.start_delay is not None:
+        span.set_attribute(START_DELAY, record.start_delay)
+    if record.exception is not None:
+        span.set_attribute(ERROR_TYPE, record.error_type)
+        span.set_status(Status(StatusCode.ERROR, record.exception_text))
+        if _exception_as_event():
+            span.record_exception(record.exception)
+
+
+
+class TraceContextFilter:
+    """Logging filter that adds ``otelTraceID``/``otelSpanID`` to every record.
+
+    Add it to a handler and use ``%(otelTraceID)s`` in the format: a job's log lines then
+    carry the ids of its run's span (the same ids stored on its execution row).
+    """
+
+    def filter(self, record: Any) -> bool:
+        ctx = trace.get_current_span().get_span_context()
+        record.otelTraceID = format(ctx.trace_id, "032x") if ctx.is_valid else "0"
+        record.otelSpanID = format(ctx.span_id, "016x") if ctx.is_valid else "0"
+        return True
+
+
+def configure_from_env(service_name: str) -> bool:
+    """Install an SDK tracer provider when the standard ``OTEL_*`` variables ask for one.
+
+    Does nothing when a provider is already set (``opentelemetry-instrument`` or the project
+    did it), when the SDK is not installed, or when no exporter is configured: tracing then
+    stays a no-op at no cost. Returns True if it installed a provider.
+    """
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "")
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if exporter_name == "none" or not (exporter_name or endpoint):
+        return False
+    try:
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+    except ImportError:
+        return False
+    current = trace.get_tracer_provider()
+    if type(current).__name__ not in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        return False
+    exporter: Any
+    if exporter_name == "console":
+        exporter = ConsoleSpanExporter()
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            return False
+        exporter = OTLPSpanExporter()
+    env_named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    resource = Resource.create({} if env_named else {SERVICE_NAME: service_name})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return True
+
+
+def shutdown_provider() -> None:
+    """Flush spans before the process exits."""
+    provider = trace.get_tracer_provider()
+    shutdown = getattr(provider, "shutdown", None)
+    if callable(shutdown):
+        shutdown()
