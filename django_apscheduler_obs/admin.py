@@ -8,6 +8,8 @@ counts or DISTINCTs the whole table: its count is capped and its filters read th
 from __future__ import annotations
 
 import pickle
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from functools import cached_property
 from typing import Any
 
@@ -34,10 +36,25 @@ def _executions(job_ref: Any = None) -> QuerySet[DjangoJobExecution]:
 @admin.register(DjangoJob)
 class DjangoJobAdmin(admin.ModelAdmin):
     search_fields = ["id"]
-    list_display = ["id", "trigger", "local_run_time", "paused", "last_status", "last_success",
-                    "average_duration", "restorable"]  # fmt: skip
-    readonly_fields = ["id", "next_run_time", "trigger", "func", "version", "registered_at",
-                       "restore_error"]  # fmt: skip
+    list_display = [
+        "id",
+        "trigger",
+        "local_run_time",
+        "paused",
+        "last_status",
+        "last_success",
+        "average_duration",
+        "restorable",
+    ]
+    readonly_fields = [
+        "id",
+        "next_run_time",
+        "trigger",
+        "func",
+        "version",
+        "registered_at",
+        "restore_error",
+    ]
     exclude = ["job_state"]
     ordering = ["next_run_time", "id"]
 
@@ -87,7 +104,7 @@ class DjangoJobAdmin(admin.ModelAdmin):
         if not obj.next_run_time:
             return "(paused)"
         text = util.get_local_dt_format(obj.next_run_time)
-        if obj.next_run_time < timezone.now() - timezone.timedelta(seconds=60):
+        if obj.next_run_time < timezone.now() - timedelta(seconds=60):
             return format_html('{} <strong style="color:#ba2121">{}</strong>', text, _("overdue"))
         return text
 
@@ -104,7 +121,7 @@ class DjangoJobAdmin(admin.ModelAdmin):
         ts = getattr(obj, "_last_success", None)
         if ts is None:
             return "—"
-        return util.get_local_dt_format(timezone.datetime.fromtimestamp(float(ts), timezone.utc))
+        return util.get_local_dt_format(datetime.fromtimestamp(float(ts), dt_timezone.utc))
 
     @admin.display(description=_("average duration (s)"))
     def average_duration(self, obj: DjangoJob) -> str:
@@ -120,8 +137,8 @@ class CappedCountPaginator(Paginator):
     """Counts at most COUNT_CAP + 1 rows: a bounded statement on any table size."""
 
     @cached_property
-    def count(self) -> int:  # type: ignore[override]
-        return int(self.object_list.order_by()[: COUNT_CAP + 1].count())
+    def count(self) -> int:
+        return int(self.object_list.order_by()[: COUNT_CAP + 1].count())  # type: ignore[attr-defined]
 
 
 class JobFilter(admin.SimpleListFilter):
@@ -139,8 +156,15 @@ class JobFilter(admin.SimpleListFilter):
 
 @admin.register(DjangoJobExecution)
 class DjangoJobExecutionAdmin(admin.ModelAdmin):
-    list_display = ["id", "job_id", "html_status", "local_run_time", "start_delay_s",
-                    "duration_text", "trace"]  # fmt: skip
+    list_display = [
+        "id",
+        "job_id",
+        "html_status",
+        "local_run_time",
+        "start_delay_s",
+        "duration_text",
+        "trace",
+    ]
     list_filter = [JobFilter, "status", ("run_time", admin.DateFieldListFilter)]
     readonly_fields = [f.name for f in DjangoJobExecution._meta.fields]
     show_full_result_count = False
@@ -166,8 +190,9 @@ class DjangoJobExecutionAdmin(admin.ModelAdmin):
             DjangoJobExecution.MAX_INSTANCES: "orange",
             DjangoJobExecution.ABANDONED: "red",
         }
-        return format_html('<span style="color:{}">{}</span>', colours.get(obj.status, "black"),
-                           obj.status)  # fmt: skip
+        return format_html(
+            '<span style="color:{}">{}</span>', colours.get(obj.status, "black"), obj.status
+        )
 
     @admin.display(description=_("run time"), ordering="run_time")
     def local_run_time(self, obj: DjangoJobExecution) -> str:
@@ -186,5 +211,6 @@ class DjangoJobExecutionAdmin(admin.ModelAdmin):
         if not obj.trace_id or not conf.TRACE_URL_TEMPLATE:
             return obj.trace_id[:8] if obj.trace_id else "—"
         url = conf.TRACE_URL_TEMPLATE.format(trace_id=obj.trace_id, span_id=obj.span_id)
-        return format_html('<a href="{}" target="_blank" rel="noopener">{}</a>', url,
-                           obj.trace_id[:8])  # fmt: skip
+        return format_html(
+            '<a href="{}" target="_blank" rel="noopener">{}</a>', url, obj.trace_id[:8]
+        )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import zoneinfo
 from collections.abc import Callable
-from numbers import Real
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
@@ -20,9 +19,9 @@ JOB_DEFAULT_KEYS = {"misfire_grace_time", "coalesce", "max_instances", "executor
 
 
 def _number(value: Any, *, allow_zero: bool = False) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and (
-        value >= 0 if allow_zero else value > 0
-    )
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return value >= 0 if allow_zero else value > 0
 
 
 def _int(value: Any) -> bool:
@@ -47,19 +46,28 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     defaults = conf.JOB_DEFAULTS
     unknown = set(defaults) - JOB_DEFAULT_KEYS
     if unknown:
-        error(1, f"APSCHEDULER_JOB_DEFAULTS has unknown keys: {sorted(unknown)}",
-              f"Allowed: {sorted(JOB_DEFAULT_KEYS)}")  # fmt: skip
+        error(
+            1,
+            f"APSCHEDULER_JOB_DEFAULTS has unknown keys: {sorted(unknown)}",
+            f"Allowed: {sorted(JOB_DEFAULT_KEYS)}",
+        )
     grace = defaults.get("misfire_grace_time")
     if grace is not None and not _int(grace):
-        error(1, "APSCHEDULER_JOB_DEFAULTS['misfire_grace_time'] must be None or a positive "
-              f"integer (seconds), not {grace!r}")  # fmt: skip
+        error(
+            1,
+            "APSCHEDULER_JOB_DEFAULTS['misfire_grace_time'] must be None or a positive "
+            f"integer (seconds), not {grace!r}",
+        )
     if not _int(defaults.get("max_instances", 1)):
         error(1, "APSCHEDULER_JOB_DEFAULTS['max_instances'] must be a positive integer")
     if not isinstance(defaults.get("coalesce", True), bool):
         error(1, "APSCHEDULER_JOB_DEFAULTS['coalesce'] must be True or False")
     if defaults.get("executor", "default") != "default":
-        error(1, f"APSCHEDULER_JOB_DEFAULTS['executor'] is {defaults['executor']!r}: unknown "
-              "executor", "runapscheduler has one executor, 'default'")  # fmt: skip
+        error(
+            1,
+            f"APSCHEDULER_JOB_DEFAULTS['executor'] is {defaults['executor']!r}: unknown executor",
+            "runapscheduler has one executor, 'default'",
+        )
 
     # E002: pool size
     if not _int(conf.MAX_WORKERS):
@@ -68,8 +76,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     # E003/E004: retention and cleanup
     retention = conf.EXECUTION_RETENTION
     if retention is not None and not _number(retention):
-        error(3, "APSCHEDULER_EXECUTION_RETENTION must be None (keep everything) or a positive "
-              f"number of seconds, not {retention!r}")  # fmt: skip
+        error(
+            3,
+            "APSCHEDULER_EXECUTION_RETENTION must be None (keep everything) or a positive "
+            f"number of seconds, not {retention!r}",
+        )
     if not _number(conf.CLEANUP_INTERVAL):
         error(4, "APSCHEDULER_CLEANUP_INTERVAL must be a positive number of seconds")
     if not _int(conf.CLEANUP_BATCH_SIZE):
@@ -89,22 +100,35 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         if not _number(value):
             error(6, f"{name} must be a positive number of seconds, not {value!r}")
     if not _number(conf.SHUTDOWN_TIMEOUT, allow_zero=True):
-        error(6, f"APSCHEDULER_SHUTDOWN_TIMEOUT must be a number >= 0, not "
-              f"{conf.SHUTDOWN_TIMEOUT!r}")  # fmt: skip
-    if (_number(conf.LEASE_TTL) and _number(conf.LEASE_RENEW_INTERVAL)
-            and conf.LEASE_TTL < 3 * conf.LEASE_RENEW_INTERVAL):  # fmt: skip
-        error(5, f"APSCHEDULER_LEASE_TTL ({conf.LEASE_TTL}) must be at least 3 x "
-              f"APSCHEDULER_LEASE_RENEW_INTERVAL ({conf.LEASE_RENEW_INTERVAL})",
-              "Two renewals may fail before the lease is lost.")  # fmt: skip
-    elif (grace is not None and _number(grace) and _number(conf.LEASE_TTL)
-          and _number(conf.STANDBY_POLL_INTERVAL)
-          and grace < conf.LEASE_TTL + conf.STANDBY_POLL_INTERVAL):  # fmt: skip
-        errors.append(Warning(
-            f"misfire_grace_time ({grace}s) is shorter than a failover "
-            f"(lease TTL + standby poll = {conf.LEASE_TTL + conf.STANDBY_POLL_INTERVAL}s)",
-            hint="Runs due while a standby takes over will be recorded as missed.",
-            id=f"{ID}.W001",
-        ))  # fmt: skip
+        error(
+            6, f"APSCHEDULER_SHUTDOWN_TIMEOUT must be a number >= 0, not {conf.SHUTDOWN_TIMEOUT!r}"
+        )
+    if (
+        _number(conf.LEASE_TTL)
+        and _number(conf.LEASE_RENEW_INTERVAL)
+        and conf.LEASE_TTL < 3 * conf.LEASE_RENEW_INTERVAL
+    ):
+        error(
+            5,
+            f"APSCHEDULER_LEASE_TTL ({conf.LEASE_TTL}) must be at least 3 x "
+            f"APSCHEDULER_LEASE_RENEW_INTERVAL ({conf.LEASE_RENEW_INTERVAL})",
+            "Two renewals may fail before the lease is lost.",
+        )
+    elif (
+        grace is not None
+        and _number(grace)
+        and _number(conf.LEASE_TTL)
+        and _number(conf.STANDBY_POLL_INTERVAL)
+        and grace < conf.LEASE_TTL + conf.STANDBY_POLL_INTERVAL
+    ):
+        errors.append(
+            Warning(
+                f"misfire_grace_time ({grace}s) is shorter than a failover "
+                f"(lease TTL + standby poll = {conf.LEASE_TTL + conf.STANDBY_POLL_INTERVAL}s)",
+                hint="Runs due while a standby takes over will be recorded as missed.",
+                id=f"{ID}.W001",
+            )
+        )
 
     # E007: time zone
     try:
@@ -113,11 +137,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         error(7, f"APSCHEDULER_TIMEZONE {conf.TIMEZONE!r} is not a known time zone")
 
     # E008: buckets
-    for name, read in (("APSCHEDULER_DURATION_BUCKETS", lambda: conf.DURATION_BUCKETS),
-                       ("APSCHEDULER_DELAY_BUCKETS", lambda: conf.DELAY_BUCKETS)):  # fmt: skip
+    for name, read in (
+        ("APSCHEDULER_DURATION_BUCKETS", lambda: conf.DURATION_BUCKETS),
+        ("APSCHEDULER_DELAY_BUCKETS", lambda: conf.DELAY_BUCKETS),
+    ):
         ok, buckets = _get(read)
-        if not ok or not buckets or not all(_number(b) for b in buckets) or list(buckets) != sorted(
-            set(buckets)
+        if (
+            not ok
+            or not buckets
+            or not all(_number(b) for b in buckets)
+            or list(buckets) != sorted(set(buckets))
         ):
             error(8, f"{name} must be a non-empty, strictly increasing list of positive numbers")
 
@@ -134,9 +163,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
     # E011: metrics auth
     ok, auth = _get(lambda: conf.METRICS_BASIC_AUTH)
-    if not ok or (auth is not None and (
-        len(auth) != 2 or not all(isinstance(x, str) and x for x in auth)
-    )):  # fmt: skip
+    if not ok or (
+        auth is not None and (len(auth) != 2 or not all(isinstance(x, str) and x for x in auth))
+    ):
         error(11, "APSCHEDULER_METRICS_BASIC_AUTH must be None or (user, password) strings")
 
     # E013: group
@@ -144,16 +173,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         error(13, "APSCHEDULER_GROUP must be a non-empty string of at most 100 characters")
 
     # E014: plain types
-    for name, value, kind in (
+    plain: tuple[tuple[str, object, type], ...] = (
         ("APSCHEDULER_DATETIME_FORMAT", conf.DATETIME_FORMAT, str),
         ("APSCHEDULER_TRACE_URL_TEMPLATE", conf.TRACE_URL_TEMPLATE, str),
         ("APSCHEDULER_GRAFANA_URL_TEMPLATE", conf.GRAFANA_URL_TEMPLATE, str),
         ("APSCHEDULER_SIGN_JOB_STATE", conf.SIGN_JOB_STATE, bool),
         ("APSCHEDULER_AUTODISCOVER", conf.AUTODISCOVER, bool),
         ("APSCHEDULER_REMOVE_UNDECLARED_JOBS", conf.REMOVE_UNDECLARED_JOBS, bool),
-    ):
-        if not isinstance(value, kind):
-            error(14, f"{name} must be a {kind.__name__}, not {type(value).__name__}")
+    )
+    for setting, setting_value, kind in plain:
+        if not isinstance(setting_value, kind):
+            error(14, f"{setting} must be a {kind.__name__}, not {type(setting_value).__name__}")
     return errors
 
 
@@ -170,14 +200,19 @@ def _check_declared_jobs() -> list[CheckMessage]:
         entry = dict(entry)
         func, trigger = entry.pop("func", None), entry.pop("trigger", None)
         if func is None or trigger is None:
-            messages.append(Error(f"APSCHEDULER_JOBS entry {entry.get('id', entry)!r} needs "
-                                  "'func' and 'trigger'", id=f"{ID}.E010"))  # fmt: skip
+            messages.append(
+                Error(
+                    f"APSCHEDULER_JOBS entry {entry.get('id', entry)!r} needs 'func' and 'trigger'",
+                    id=f"{ID}.E010",
+                )
+            )
             continue
         try:
             scratch.add(func, trigger, **entry)
         except JobDefinitionError as exc:
             messages.append(Error(str(exc), id=f"{ID}.E010"))
         except TypeError as exc:
-            messages.append(Error(f"APSCHEDULER_JOBS entry {entry.get('id')!r}: {exc}",
-                                  id=f"{ID}.E010"))  # fmt: skip
+            messages.append(
+                Error(f"APSCHEDULER_JOBS entry {entry.get('id')!r}: {exc}", id=f"{ID}.E010")
+            )
     return messages

@@ -80,8 +80,9 @@ def _job_view(job: Job, version: int, registered: float, jobstore: str) -> JobVi
 class JobCatalog:
     """A cached view of the stored jobs; at most one table read per ``ttl`` seconds."""
 
-    def __init__(self, ttl: float = 5.0, on_change: Callable[[set[str], set[str]], None] | None
-                 = None) -> None:  # fmt: skip
+    def __init__(
+        self, ttl: float = 5.0, on_change: Callable[[set[str], set[str]], None] | None = None
+    ) -> None:
         self.ttl = ttl
         self.on_change = on_change
         self._views: dict[str, JobView] = {}
@@ -106,11 +107,12 @@ class JobCatalog:
                 "id", "version", "next_run_time", "registered_at", "restore_error"
             )
         )
-        stale = [r[0] for r in rows if r[0] not in self._views
-                 or self._views[r[0]].version != r[1]]  # fmt: skip
-        states = dict(
-            DjangoJob.objects.filter(id__in=stale).values_list("id", "job_state")
-        ) if stale else {}  # fmt: skip
+        stale = [r[0] for r in rows if r[0] not in self._views or self._views[r[0]].version != r[1]]
+        states = (
+            dict(DjangoJob.objects.filter(id__in=stale).values_list("id", "job_state"))
+            if stale
+            else {}
+        )
         views: dict[str, JobView] = {}
         for job_id, version, next_run, registered, restore_error in rows:
             view = self._views.get(job_id)
@@ -146,22 +148,42 @@ class SchedulerCollector(Collector):
         views = rt.catalog.views()
         label = rt.metrics.label
         j = ["job_id"]
-        next_run = GaugeMetricFamily(f"{PREFIX}_job_next_run_timestamp_seconds",
-                                     "Next scheduled fire time (absent while paused).", labels=j)
+        next_run = GaugeMetricFamily(
+            f"{PREFIX}_job_next_run_timestamp_seconds",
+            "Next scheduled fire time (absent while paused).",
+            labels=j,
+        )
         paused = GaugeMetricFamily(f"{PREFIX}_job_paused", "1 if the job is paused.", labels=j)
         interval = GaugeMetricFamily(
             f"{PREFIX}_job_expected_interval_seconds",
-            "Largest gap between consecutive fire times, derived from the trigger.", labels=j)
-        grace = GaugeMetricFamily(f"{PREFIX}_job_misfire_grace_seconds",
-                                  "misfire_grace_time of the job (absent if unlimited).", labels=j)
-        max_runtime = GaugeMetricFamily(f"{PREFIX}_job_max_runtime_seconds",
-                                        "Declared max_runtime of the job.", labels=j)
-        registered = GaugeMetricFamily(f"{PREFIX}_job_registered_timestamp_seconds",
-                                       "When the job was first stored.", labels=j)
+            "Largest gap between consecutive fire times, derived from the trigger.",
+            labels=j,
+        )
+        grace = GaugeMetricFamily(
+            f"{PREFIX}_job_misfire_grace_seconds",
+            "misfire_grace_time of the job (absent if unlimited).",
+            labels=j,
+        )
+        max_runtime = GaugeMetricFamily(
+            f"{PREFIX}_job_max_runtime_seconds", "Declared max_runtime of the job.", labels=j
+        )
+        registered = GaugeMetricFamily(
+            f"{PREFIX}_job_registered_timestamp_seconds", "When the job was first stored.", labels=j
+        )
         info = GaugeMetricFamily(
-            f"{PREFIX}_job_info", "Static description of the job.",
-            labels=[*j, "name", "func", "trigger", "executor", "jobstore", "max_instances",
-                    "coalesce"])  # fmt: skip
+            f"{PREFIX}_job_info",
+            "Static description of the job.",
+            labels=[
+                *j,
+                "name",
+                "func",
+                "trigger",
+                "executor",
+                "jobstore",
+                "max_instances",
+                "coalesce",
+            ],
+        )
         counts = {"scheduled": 0, "paused": 0, "unrestorable": 0}
         seen: set[str] = set()
         for v in views:
@@ -184,8 +206,19 @@ class SchedulerCollector(Collector):
             mr = rt.max_runtime(v.id)
             if mr is not None:
                 max_runtime.add_metric([lv], float(mr))
-            info.add_metric([lv, v.name, v.func, v.trigger, v.executor, v.jobstore,
-                             str(v.max_instances), str(v.coalesce).lower()], 1.0)  # fmt: skip
+            info.add_metric(
+                [
+                    lv,
+                    v.name,
+                    v.func,
+                    v.trigger,
+                    v.executor,
+                    v.jobstore,
+                    str(v.max_instances),
+                    str(v.coalesce).lower(),
+                ],
+                1.0,
+            )
         yield from (next_run, paused, interval, grace, max_runtime, registered, info)
 
         jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Stored jobs by state.", labels=["state"])
@@ -195,17 +228,20 @@ class SchedulerCollector(Collector):
 
         oldest = GaugeMetricFamily(
             f"{PREFIX}_job_oldest_running_start_timestamp_seconds",
-            "Start of the oldest run still going (present only while running).", labels=j)
+            "Start of the oldest run still going (present only while running).",
+            labels=j,
+        )
         for job_id, ts in rt.observer.oldest_running().items():
             oldest.add_metric([label(job_id)], ts)
         yield oldest
 
-        state = GaugeMetricFamily(f"{PREFIX}_scheduler_state", "Scheduler state.",
-                                  labels=[f"{PREFIX}_scheduler_state"])
+        state_family = GaugeMetricFamily(
+            f"{PREFIX}_scheduler_state", "Scheduler state.", labels=[f"{PREFIX}_scheduler_state"]
+        )
         current = STATES.get(rt.scheduler.state, "stopped")
         for name in STATES.values():
-            state.add_metric([name], 1.0 if name == current else 0.0)
-        yield state
+            state_family.add_metric([name], 1.0 if name == current else 0.0)
+        yield state_family
         yield from self._scheduler_info()
         yield from self._executors()
         yield from self._lease()
@@ -217,20 +253,40 @@ class SchedulerCollector(Collector):
 
         rt = self.runtime
         info = GaugeMetricFamily(
-            f"{PREFIX}_scheduler_info", "Build and configuration of this scheduler.",
-            labels=["version", "package_version", "scheduler_class", "timezone", "group",
-                    "identity"])  # fmt: skip
-        info.add_metric([apscheduler.__version__, __version__, type(rt.scheduler).__name__,
-                         str(rt.scheduler.timezone), rt.lease.group, rt.lease.identity], 1.0)
+            f"{PREFIX}_scheduler_info",
+            "Build and configuration of this scheduler.",
+            labels=[
+                "version",
+                "package_version",
+                "scheduler_class",
+                "timezone",
+                "group",
+                "identity",
+            ],
+        )
+        info.add_metric(
+            [
+                apscheduler.__version__,
+                __version__,
+                type(rt.scheduler).__name__,
+                str(rt.scheduler.timezone),
+                rt.lease.group,
+                rt.lease.identity,
+            ],
+            1.0,
+        )
         yield info
 
     def _executors(self) -> Iterator[Metric]:
-        busy = GaugeMetricFamily(f"{PREFIX}_executor_busy_workers",
-                                 "Runs submitted to the executor and not finished.",
-                                 labels=["executor"])
-        size = GaugeMetricFamily(f"{PREFIX}_executor_max_workers", "Size of the executor's pool.",
-                                 labels=["executor"])
-        for alias, executor in self.runtime.scheduler._executors.items():  # type: ignore[attr-defined]
+        busy = GaugeMetricFamily(
+            f"{PREFIX}_executor_busy_workers",
+            "Runs submitted to the executor and not finished.",
+            labels=["executor"],
+        )
+        size = GaugeMetricFamily(
+            f"{PREFIX}_executor_max_workers", "Size of the executor's pool.", labels=["executor"]
+        )
+        for alias, executor in self.runtime.scheduler._executors.items():
             busy.add_metric([alias], float(sum(getattr(executor, "_instances", {}).values())))
             pool = getattr(executor, "_pool", None)
             size.add_metric([alias], float(getattr(pool, "_max_workers", 0)))
@@ -273,30 +329,42 @@ class JobStoreCollector(Collector):
 
     def _read(self) -> Iterator[Metric]:
         j = ["job_id"]
-        next_run = GaugeMetricFamily(f"{PREFIX}_jobstore_job_next_run_timestamp_seconds",
-                                     "Stored next run time of the job.", labels=j)
+        next_run = GaugeMetricFamily(
+            f"{PREFIX}_jobstore_job_next_run_timestamp_seconds",
+            "Stored next run time of the job.",
+            labels=j,
+        )
         for job_id, nrt in DjangoJob.objects.filter(next_run_time__isnull=False).values_list(
             "id", "next_run_time"
         ):
             next_run.add_metric([job_id], nrt.timestamp())
         yield next_run
-        success = GaugeMetricFamily(f"{PREFIX}_jobstore_job_last_success_timestamp_seconds",
-                                    "End of the last successful run in the history.", labels=j)
+        success = GaugeMetricFamily(
+            f"{PREFIX}_jobstore_job_last_success_timestamp_seconds",
+            "End of the last successful run in the history.",
+            labels=j,
+        )
         rows = (
             DjangoJobExecution.objects.filter(status=DjangoJobExecution.SUCCESS)
-            .values("job_id").annotate(ts=Max("finished")).values_list("job_id", "ts")
-        )  # fmt: skip
+            .values("job_id")
+            .annotate(ts=Max("finished"))
+            .values_list("job_id", "ts")
+        )
         for job_id, ts in rows:
             if ts is not None:
                 success.add_metric([job_id], float(ts))
         yield success
         running = GaugeMetricFamily(
             f"{PREFIX}_jobstore_job_oldest_running_start_timestamp_seconds",
-            "Start of the oldest execution still marked as running.", labels=j)
+            "Start of the oldest execution still marked as running.",
+            labels=j,
+        )
         rows = (
             DjangoJobExecution.objects.filter(status=DjangoJobExecution.SENT)
-            .values("job_id").annotate(ts=Min("started")).values_list("job_id", "ts")
-        )  # fmt: skip
+            .values("job_id")
+            .annotate(ts=Min("started"))
+            .values_list("job_id", "ts")
+        )
         for job_id, ts in rows:
             if ts is not None:
                 running.add_metric([job_id], ts.timestamp())

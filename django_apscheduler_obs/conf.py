@@ -155,7 +155,7 @@ class Settings:
     def METRICS_BASIC_AUTH(self) -> tuple[str, str] | None:
         """``("user", "password")`` to require HTTP basic auth on the metrics endpoint."""
         value = getattr(settings, "APSCHEDULER_METRICS_BASIC_AUTH", None)
-        return tuple(value) if value else None  # type: ignore[return-value]
+        return tuple(value) if value else None
 
     # -- admin links -------------------------------------------------------------------------
 

@@ -103,8 +103,9 @@ class RunObserver:
         if fenced and fence is None:
             result = Claim.FENCED  # we know locally that we lost the lease: no statement
         else:
-            result = self.history.claim(job.id, run_time, fence, group=self.group,
-                                        status=status, **kwargs)
+            result = self.history.claim(
+                job.id, run_time, fence, group=self.group, status=status, **kwargs
+            )
         if self.metrics is not None:
             self.metrics.claims.labels(self.group, result.value).inc()
         return result
@@ -113,8 +114,7 @@ class RunObserver:
         try:
             fn(*args)
         except Exception:
-            logger.exception("The %s sink failed; the run and the other sinks are unaffected",
-                             what)
+            logger.exception("The %s sink failed; the run and the other sinks are unaffected", what)
 
     def started(self, job: JobInfo, key: int, ts: float) -> None:
         with self._running_lock:
@@ -185,10 +185,18 @@ def observed_run_job(
     try:
         for run_time in run_times:
             events.extend(
-                _run_one(observer, job, info, jobstore_alias, run_time, run_logger,
-                         coalesced=coalesced, trigger_source=trigger_source,
-                         traceparent=traceparent)
-            )  # fmt: skip
+                _run_one(
+                    observer,
+                    job,
+                    info,
+                    jobstore_alias,
+                    run_time,
+                    run_logger,
+                    coalesced=coalesced,
+                    trigger_source=trigger_source,
+                    traceparent=traceparent,
+                )
+            )
             coalesced = 0
     finally:
         db.close_old_connections()
@@ -213,29 +221,36 @@ def _run_one(
         if difference > timedelta(seconds=job.misfire_grace_time):
             run_logger.warning('Run time of job "%s" was missed by %s', job, difference)
             claim = observer.claim(
-                info, run_time, DjangoJobExecution.MISSED,
+                info,
+                run_time,
+                DjangoJobExecution.MISSED,
                 exception=f"Run time of job '{job.id}' was missed by {difference}",
-            )  # fmt: skip
+            )
             if claim in (Claim.CLAIMED, Claim.ERROR):
                 if claim is Claim.ERROR:  # keep the record: written when the DB is back
                     observer.history.record_skip(
-                        job.id, run_time, DjangoJobExecution.MISSED,
+                        job.id,
+                        run_time,
+                        DjangoJobExecution.MISSED,
                         f"Run time of job '{job.id}' was missed by {difference}",
-                    )  # fmt: skip
+                    )
                 observer.record(RunRecord(info, run_time, Outcome.MISSED), history=False)
                 return [JobExecutionEvent(EVENT_JOB_MISSED, job.id, jobstore_alias, run_time)]
             return []
 
     started_wall = datetime.now(timezone.utc)
-    claim = observer.claim(info, run_time, DjangoJobExecution.SENT, started=started_wall,
-                           trigger_source=trigger_source)
+    claim = observer.claim(
+        info, run_time, DjangoJobExecution.SENT, started=started_wall, trigger_source=trigger_source
+    )
     if claim is not Claim.CLAIMED:
         if claim is Claim.ERROR:
             # Not claimed, so not run (at most once). The job store did not advance the
             # stored next run either if the DB is down, so the fire time is replayed when it
             # returns; if it is not replayed, this row says why.
             observer.history.record_skip(
-                job.id, run_time, DjangoJobExecution.MISSED,
+                job.id,
+                run_time,
+                DjangoJobExecution.MISSED,
                 f"Not run: the database was unreachable when '{job.id}' was due",
             )
         else:
@@ -273,18 +288,25 @@ def _run_one(
             record.traceback = "".join(tb_module.format_tb(tb))
             run_logger.exception('Job "%s" raised an exception', job)
             events.append(
-                JobExecutionEvent(EVENT_JOB_ERROR, job.id, jobstore_alias, run_time,
-                                  exception=exc, traceback=record.traceback)
-            )  # fmt: skip
+                JobExecutionEvent(
+                    EVENT_JOB_ERROR,
+                    job.id,
+                    jobstore_alias,
+                    run_time,
+                    exception=exc,
+                    traceback=record.traceback,
+                )
+            )
             tb_module.clear_frames(tb)
             del tb
         else:
             record.duration = time.perf_counter() - t0
             run_logger.info('Job "%s" executed successfully', job)
             events.append(
-                JobExecutionEvent(EVENT_JOB_EXECUTED, job.id, jobstore_alias, run_time,
-                                  retval=retval)
-            )  # fmt: skip
+                JobExecutionEvent(
+                    EVENT_JOB_EXECUTED, job.id, jobstore_alias, run_time, retval=retval
+                )
+            )
         finally:
             current_run.reset(token)
             record.finished = datetime.now(timezone.utc)
@@ -315,10 +337,14 @@ class ObservedExecutorMixin:
             job,
             run_times,
             lambda: observed_run_job(
-                self.observer, job, job._jobstore_alias, run_times, self._logger.name,
+                self.observer,
+                job,
+                job._jobstore_alias,
+                run_times,
+                self._logger.name,
                 coalesced=coalesced,
             ),
-        )  # fmt: skip
+        )
 
     def submit_run_now(
         self, job: Job, run_time: datetime, *, traceparent: str | None = None
@@ -328,11 +354,16 @@ class ObservedExecutorMixin:
             job,
             [run_time],
             lambda: observed_run_job(
-                self.observer, job, job._jobstore_alias, [run_time], self._logger.name,
-                trigger_source=TriggerSource.RUN_NOW, traceparent=traceparent,
+                self.observer,
+                job,
+                job._jobstore_alias,
+                [run_time],
+                self._logger.name,
+                trigger_source=TriggerSource.RUN_NOW,
+                traceparent=traceparent,
             ),
             count_instance=False,
-        )  # fmt: skip
+        )
 
     def _submit(
         self,

@@ -30,7 +30,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.base import BaseScheduler
 from django import db
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import Exists, F
 
 from django_apscheduler_obs import signing
 from django_apscheduler_obs.conf import conf
@@ -85,7 +85,7 @@ class DjangoJobStore(BaseJobStore):
         super().start(scheduler, alias)
         from django_apscheduler_obs.executors import ObservedExecutorMixin
 
-        executors = scheduler._executors.values()  # type: ignore[attr-defined]
+        executors = scheduler._executors.values()
         if not all(isinstance(e, ObservedExecutorMixin) for e in executors):
             # A scheduler built the 0.7 way (stock executors): keep 0.7's history listeners.
             register_history_listeners(scheduler)
@@ -188,8 +188,12 @@ class DjangoJobStore(BaseJobStore):
                 version=F("version") + 1,
             )
         except DatabaseError:
-            logger.warning("Could not save job %r after submitting it; it is replayed (and "
-                           "deduplicated by its claim) on the next pass", job.id, exc_info=True)
+            logger.warning(
+                "Could not save job %r after submitting it; it is replayed (and "
+                "deduplicated by its claim) on the next pass",
+                job.id,
+                exc_info=True,
+            )
             reset_connection()
             return
         if n == 0:
@@ -274,8 +278,12 @@ class DjangoJobStore(BaseJobStore):
         reason = f"{type(exc).__name__}: {exc}"[:2000]
         if job_id not in self._restore_logged:
             self._restore_logged.add(job_id)
-            logger.error("Unable to restore job %r (%s). It is kept and skipped; fix the code "
-                         "or remove the job.", job_id, reason)
+            logger.error(
+                "Unable to restore job %r (%s). It is kept and skipped; fix the code "
+                "or remove the job.",
+                job_id,
+                reason,
+            )
         try:
             DjangoJob.objects.filter(id=job_id, restore_error="").update(restore_error=reason)
         except DatabaseError:
@@ -307,7 +315,7 @@ class DjangoMemoryJobStore(MemoryJobStore):
         super().start(scheduler, alias)
         from django_apscheduler_obs.executors import ObservedExecutorMixin
 
-        executors = scheduler._executors.values()  # type: ignore[attr-defined]
+        executors = scheduler._executors.values()
         if not all(isinstance(e, ObservedExecutorMixin) for e in executors):
             register_history_listeners(scheduler)
 
@@ -319,10 +327,10 @@ def register_history_listeners(scheduler: BaseScheduler) -> None:
     """Record executions from events (0.7 semantics: duration counts from the fire time)."""
     if getattr(scheduler, "_django_apscheduler_obs_listeners", False):
         return
-    scheduler._django_apscheduler_obs_listeners = True  # type: ignore[attr-defined]
+    scheduler._django_apscheduler_obs_listeners = True
     from django_apscheduler_obs.sinks.history import legacy_update_or_create
 
-    lock = scheduler._create_lock()  # type: ignore[attr-defined]
+    lock = scheduler._create_lock()
 
     def on_event(event: Any) -> None:
         code = event.code
@@ -330,14 +338,27 @@ def register_history_listeners(scheduler: BaseScheduler) -> None:
             args: tuple[Any, ...] = (DjangoJobExecution.SENT, None, None)
             run_time = event.scheduled_run_times[0]
         elif code == events.EVENT_JOB_MAX_INSTANCES:
-            msg = (f"Execution of job '{event.job_id}' skipped: maximum number of running "
-                   "instances reached!")  # fmt: skip
-            args, run_time = (DjangoJobExecution.MAX_INSTANCES, msg, None), event.scheduled_run_times[0]
+            msg = (
+                f"Execution of job '{event.job_id}' skipped: maximum number of running "
+                "instances reached!"
+            )
+            args, run_time = (
+                (DjangoJobExecution.MAX_INSTANCES, msg, None),
+                event.scheduled_run_times[0],
+            )
         elif code == events.EVENT_JOB_EXECUTED:
             args, run_time = (DjangoJobExecution.SUCCESS, None, None), event.scheduled_run_time
         elif code == events.EVENT_JOB_ERROR:
-            exc = str(event.exception) if event.exception else f"Job '{event.job_id}' raised an error!"
-            args = (DjangoJobExecution.ERROR, exc[:1000], str(event.traceback) if event.exception else None)
+            exc = (
+                str(event.exception)
+                if event.exception
+                else f"Job '{event.job_id}' raised an error!"
+            )
+            args = (
+                DjangoJobExecution.ERROR,
+                exc[:1000],
+                str(event.traceback) if event.exception else None,
+            )
             run_time = event.scheduled_run_time
         else:  # EVENT_JOB_MISSED
             msg = f"Run time of job '{event.job_id}' was missed!"
@@ -346,8 +367,7 @@ def register_history_listeners(scheduler: BaseScheduler) -> None:
             with lock:
                 legacy_update_or_create(event.job_id, run_time, *args)
         except DatabaseError:
-            logger.warning("Could not record an execution of job %r", event.job_id,
-                           exc_info=True)
+            logger.warning("Could not record an execution of job %r", event.job_id, exc_info=True)
             reset_connection()
 
     scheduler.add_listener(

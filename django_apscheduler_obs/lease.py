@@ -9,6 +9,7 @@ and never on renewal, so a deposed leader's claims (``executors.py``) and job wr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -19,9 +20,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, connection, transaction
-from django.db.models import ExpressionWrapper, F, Value
+from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import DateTimeField as DTField
+from django.db.models import ExpressionWrapper, F, Value
 from django.utils import timezone as dj_timezone
 
 from django_apscheduler_obs.conf import conf
@@ -81,8 +82,9 @@ def bump_change_counter(group: str | None = None) -> None:
             except IntegrityError:
                 JobStoreVersion.objects.filter(name=group).update(version=F("version") + 1)
     except DatabaseError:
-        logger.warning("Could not bump the job change counter; the leader re-reads within %ss",
-                       conf.MAX_SLEEP)
+        logger.warning(
+            "Could not bump the job change counter; the leader re-reads within %ss", conf.MAX_SLEEP
+        )
 
 
 def notify_jobs_changed(group: str | None = None) -> None:
@@ -133,12 +135,10 @@ class Lease:
     # -- statements -------------------------------------------------------------------------
 
     def _ensure_row(self) -> None:
-        try:
+        with contextlib.suppress(IntegrityError):
             SchedulerLease.objects.get_or_create(
                 name=self.group, defaults={"expires_at": EPOCH_START, "epoch": 0}
             )
-        except IntegrityError:
-            pass
 
     def acquire(self) -> bool:
         """One conditional UPDATE: take the lease if it expired (or its local owner is dead)."""
@@ -305,8 +305,9 @@ class LeaseKeeper(threading.Thread):
         try:
             ok = self.lease.renew()
         except DatabaseError:
-            logger.warning("Lease renewal failed (database error); leader for %.1fs more",
-                           self.lease.remaining)
+            logger.warning(
+                "Lease renewal failed (database error); leader for %.1fs more", self.lease.remaining
+            )
             reset_connection()
             if self.on_renew:
                 self.on_renew(self.lease, "error")
@@ -382,10 +383,8 @@ class LeaseKeeper(threading.Thread):
             reset_connection()
 
     def _forget_instance(self) -> None:
-        try:
+        with contextlib.suppress(DatabaseError):
             SchedulerInstance.objects.filter(identity=self.lease.identity).delete()
-        except DatabaseError:
-            pass
 
 
 def current_leader(group: str | None = None) -> dict[str, Any] | None:

@@ -28,8 +28,13 @@ logger = logging.getLogger(__name__)
 
 # Options of scheduler.add_job that a declaration may carry.
 JOB_OPTIONS = (
-    "name", "misfire_grace_time", "coalesce", "max_instances", "executor", "next_run_time",
-)  # fmt: skip
+    "name",
+    "misfire_grace_time",
+    "coalesce",
+    "max_instances",
+    "executor",
+    "next_run_time",
+)
 
 
 class JobDefinitionError(ImproperlyConfigured):
@@ -55,8 +60,13 @@ class JobSpec:
         return hashlib.sha256(pickle.dumps(self.trigger.__getstate__(), 4)).hexdigest()
 
     def definition_hash(self) -> str:
-        parts = [self.func_ref, self.trigger_hash(), repr(self.args),
-                 repr(sorted(self.kwargs.items())), repr(sorted(self.options.items()))]
+        parts = [
+            self.func_ref,
+            self.trigger_hash(),
+            repr(self.args),
+            repr(sorted(self.kwargs.items())),
+            repr(sorted(self.options.items())),
+        ]
         return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
@@ -197,7 +207,7 @@ def _make_trigger(trigger: BaseTrigger | str, fields: dict[str, Any]) -> BaseTri
         return CronTrigger.from_crontab(expression, **fields)
     from apscheduler.schedulers.base import BaseScheduler as _Base
 
-    return _Base._create_plugin_instance(_Base, "trigger", trigger, fields)  # type: ignore[arg-type]
+    return _Base._create_plugin_instance(_Base, "trigger", trigger, fields)
 
 
 def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, list[str]]:
@@ -212,8 +222,13 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
     from django_apscheduler_obs.models import DjangoJob
 
     registry.discover()
-    report: dict[str, list[str]] = {"added": [], "updated": [], "rescheduled": [],
-                                    "unchanged": [], "removed": []}  # fmt: skip
+    report: dict[str, list[str]] = {
+        "added": [],
+        "updated": [],
+        "rescheduled": [],
+        "unchanged": [],
+        "removed": [],
+    }
     declared = {spec.id for spec in registry}
     # A new deploy may have fixed what made a declared job unrestorable: try again.
     DjangoJob.objects.filter(id__in=declared).exclude(restore_error="").update(restore_error="")
@@ -226,8 +241,14 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
             continue
         common: dict[str, Any] = {"args": spec.args, "kwargs": spec.kwargs, **spec.options}
         if old is None:
-            scheduler.add_job(spec.func, spec.trigger, id=spec.id, jobstore=jobstore,
-                              replace_existing=True, **common)  # fmt: skip
+            scheduler.add_job(
+                spec.func,
+                spec.trigger,
+                id=spec.id,
+                jobstore=jobstore,
+                replace_existing=True,
+                **common,
+            )
             report["added"].append(spec.id)
         else:
             existing = scheduler.get_job(spec.id, jobstore)
@@ -239,8 +260,14 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
                 scheduler.modify_job(spec.id, jobstore, func=spec.func, **common)
                 report["updated"].append(spec.id)
             else:
-                scheduler.add_job(spec.func, spec.trigger, id=spec.id, jobstore=jobstore,
-                                  replace_existing=True, **common)  # fmt: skip
+                scheduler.add_job(
+                    spec.func,
+                    spec.trigger,
+                    id=spec.id,
+                    jobstore=jobstore,
+                    replace_existing=True,
+                    **common,
+                )
                 report["rescheduled"].append(spec.id)
         DjangoJob.objects.filter(id=spec.id).update(definition_hash=digest, restore_error="")
     if conf.REMOVE_UNDECLARED_JOBS:

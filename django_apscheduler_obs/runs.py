@@ -87,7 +87,11 @@ class RunRecord:
             return ""
         cls = type(self.exception)
         module = cls.__module__
-        return cls.__qualname__ if module in ("builtins", "__main__") else f"{module}.{cls.__qualname__}"
+        return (
+            cls.__qualname__
+            if module in ("builtins", "__main__")
+            else f"{module}.{cls.__qualname__}"
+        )
 
     @property
     def exception_text(self) -> str | None:

@@ -54,10 +54,11 @@ class ObservedScheduler(BackgroundScheduler):
     def _process_jobs(self) -> float | None:
         with scheduler_loop():
             try:
-                return super()._process_jobs()  # type: ignore[no-any-return]
+                return super()._process_jobs()
             except Exception:
-                logger.exception("Error in the scheduler loop; retrying in %ss",
-                                 self.jobstore_retry_interval)
+                logger.exception(
+                    "Error in the scheduler loop; retrying in %ss", self.jobstore_retry_interval
+                )
                 reset_connection()
                 return float(self.jobstore_retry_interval)
 
@@ -125,10 +126,14 @@ class SchedulerRuntime:
         self.started_monotonic = time.monotonic()
         self.scheduler.start(paused=True)
         self.scheduler.add_job(
-            self.heartbeat, IntervalTrigger(seconds=self.heartbeat_interval),
-            id=HEARTBEAT_JOB_ID, jobstore=INTERNAL_JOBSTORE, replace_existing=True,
-            next_run_time=datetime.now(timezone.utc), misfire_grace_time=None,
-        )  # fmt: skip
+            self.heartbeat,
+            IntervalTrigger(seconds=self.heartbeat_interval),
+            id=HEARTBEAT_JOB_ID,
+            jobstore=INTERNAL_JOBSTORE,
+            replace_existing=True,
+            next_run_time=datetime.now(timezone.utc),
+            misfire_grace_time=None,
+        )
         if sync:
             self._register_builtin_jobs()
             sync_jobs(self.scheduler, "default")
@@ -140,9 +145,13 @@ class SchedulerRuntime:
     def _register_builtin_jobs(self) -> None:
         if conf.EXECUTION_RETENTION is not None:
             job_registry.add(
-                cleanup.cleanup_job, "interval", seconds=conf.CLEANUP_INTERVAL,
-                id=cleanup.CLEANUP_JOB_ID, replace=True, max_runtime=conf.CLEANUP_INTERVAL,
-            )  # fmt: skip
+                cleanup.cleanup_job,
+                "interval",
+                seconds=conf.CLEANUP_INTERVAL,
+                id=cleanup.CLEANUP_JOB_ID,
+                replace=True,
+                max_runtime=conf.CLEANUP_INTERVAL,
+            )
         else:
             job_registry._specs.pop(cleanup.CLEANUP_JOB_ID, None)
         cleanup.on_deleted = self.metrics.cleanup_deleted.inc
@@ -162,10 +171,9 @@ class SchedulerRuntime:
                 .values_list("job_id", "status", "ts")
             )
             self.metrics.seed_last_outcomes(
-                (job_id, "success" if status == DjangoJobExecution.SUCCESS else "error",
-                 float(ts))
+                (job_id, "success" if status == DjangoJobExecution.SUCCESS else "error", float(ts))
                 for job_id, status, ts in rows
-            )  # fmt: skip
+            )
         except DatabaseError:
             logger.warning("Could not seed metrics from the execution history", exc_info=True)
             reset_connection()
@@ -186,8 +194,11 @@ class SchedulerRuntime:
             time.sleep(0.05)
         unfinished = self.observer.oldest_running()
         if unfinished:
-            logger.warning("Stopping with %d job(s) still running: %s", len(unfinished),
-                           ", ".join(sorted(unfinished)))
+            logger.warning(
+                "Stopping with %d job(s) still running: %s",
+                len(unfinished),
+                ", ".join(sorted(unfinished)),
+            )
             try:
                 DjangoJobExecution.objects.filter(
                     status=DjangoJobExecution.SENT, owner=self.lease.identity
@@ -261,10 +272,16 @@ def build_scheduler(
         catalog.invalidate()
 
     keeper = LeaseKeeper(
-        lease, scheduler.wakeup, on_gain=on_gain, on_loss=on_loss, on_renew=on_renew,
-        on_change=on_change, standby_poll=standby_poll, change_poll=change_poll,
+        lease,
+        scheduler.wakeup,
+        on_gain=on_gain,
+        on_loss=on_loss,
+        on_renew=on_renew,
+        on_change=on_change,
+        standby_poll=standby_poll,
+        change_poll=change_poll,
         change_polling=change_polling,
-    )  # fmt: skip
+    )
     g = lease.group
     metrics.leader.labels(g).set(0)
     metrics.epoch.labels(g)
@@ -280,14 +297,24 @@ def build_scheduler(
         metrics.renewals.labels(g, result)
 
     runtime = SchedulerRuntime(
-        scheduler=scheduler, lease=lease, keeper=keeper, metrics=metrics, history=history,
-        observer=observer, catalog=catalog, jobstore=jobstore,
+        scheduler=scheduler,
+        lease=lease,
+        keeper=keeper,
+        metrics=metrics,
+        history=history,
+        observer=observer,
+        catalog=catalog,
+        jobstore=jobstore,
         heartbeat_interval=heartbeat_interval or conf.HEARTBEAT_INTERVAL,
-    )  # fmt: skip
-    catalog.on_change = lambda added, removed: (
-        [metrics.add_job(j) for j in added],
-        [metrics.remove_job(j) for j in removed],
     )
+
+    def on_catalog_change(added: set[str], removed: set[str]) -> None:
+        for job_id in added:
+            metrics.add_job(job_id)
+        for job_id in removed:
+            metrics.remove_job(job_id)
+
+    catalog.on_change = on_catalog_change
     metrics.registry.register(SchedulerCollector(runtime))
     listeners.register(runtime)
     return runtime

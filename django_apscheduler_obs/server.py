@@ -8,6 +8,7 @@ OpenMetrics negotiation that carries exemplars) and answers the health paths its
 from __future__ import annotations
 
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -31,7 +32,7 @@ StartResponse = Callable[..., Any]
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        logger.debug("metrics endpoint: " + format, *args)
+        logger.debug("metrics endpoint: %s", format % args)
 
 
 def database_ready() -> tuple[bool, str]:
@@ -46,10 +47,8 @@ def database_ready() -> tuple[bool, str]:
     except Exception as exc:  # any driver error means "not ready"
         return False, f"{type(exc).__name__}: {exc}"
     finally:
-        try:
+        with contextlib.suppress(Exception):
             conn.close()
-        except Exception:
-            pass
 
 
 def make_app(
@@ -59,8 +58,10 @@ def make_app(
 
     def json_response(start_response: StartResponse, ok: bool, body: dict[str, Any]) -> list[bytes]:
         data = json.dumps(body, sort_keys=True).encode()
-        start_response("200 OK" if ok else "503 Service Unavailable",
-                       [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        start_response(
+            "200 OK" if ok else "503 Service Unavailable",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
+        )
         return [data]
 
     def authorized(environ: dict[str, Any]) -> bool:
@@ -79,13 +80,14 @@ def make_app(
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if not authorized(environ):
-            start_response("401 Unauthorized",
-                           [("WWW-Authenticate", 'Basic realm="apscheduler"'),
-                            ("Content-Length", "0")])  # fmt: skip
+            start_response(
+                "401 Unauthorized",
+                [("WWW-Authenticate", 'Basic realm="apscheduler"'), ("Content-Length", "0")],
+            )
             return [b""]
         path = environ.get("PATH_INFO", "/")
         if path in ("/metrics", "/metrics/"):
-            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            return metrics_app(environ, start_response)
         if path == "/healthz":
             ok, body = runtime.health()
             return json_response(start_response, ok, body)
@@ -135,11 +137,15 @@ def serve(
             address_family = socket.AF_INET6
 
         server_cls = _V6
-    httpd = make_server(addr, port, make_app(runtime, basic_auth=basic_auth),
-                        server_class=server_cls, handler_class=_QuietHandler)  # fmt: skip
+    httpd = make_server(
+        addr,
+        port,
+        make_app(runtime, basic_auth=basic_auth),
+        server_class=server_cls,
+        handler_class=_QuietHandler,
+    )
     if tls is not None:
         httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, name="apscheduler-metrics",
-                              daemon=True)  # fmt: skip
+    thread = threading.Thread(target=httpd.serve_forever, name="apscheduler-metrics", daemon=True)
     thread.start()
     return httpd, thread

@@ -46,7 +46,7 @@ def _simulate(trigger: BaseTrigger, now: datetime | None) -> float | None:
     jitter = float(getattr(trigger, "jitter", None) or 0)
     if jitter:  # replay without randomness
         trigger = pickle.loads(pickle.dumps(trigger))
-        trigger.jitter = None  # type: ignore[attr-defined]
+        trigger.jitter = None
     now = now or datetime.now(timezone.utc)
     end = now + HORIZON
     previous = trigger.get_next_fire_time(None, now)

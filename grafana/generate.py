@@ -384,8 +384,8 @@ or
             cfg["no_leader_for"],
             "critical",
             "No APScheduler process holds the leader lease.",
-            "No scheduler process of group {{ $labels.group }} is leader (or none exports "
-            "apscheduler_leader): no job runs until one acquires the lease.",
+            "No scheduler process {{ with $labels.group }}of group {{ . }} {{ end }}is leader "
+            "(or none exports apscheduler_leader): no job runs until one acquires the lease.",
             overview_url,
         ),
         rule(

@@ -37,8 +37,12 @@ def _reset_job_registry() -> Iterator[None]:
     job_registry.reset()
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-             message: str = "condition") -> Any:  # fmt: skip
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition",
+) -> Any:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -64,22 +68,31 @@ class EventLog:
 
     def of(self, code: int, job_id: str | None = None) -> list[Any]:
         with self._cond:
-            return [e for e in self.events
-                    if e.code & code and (job_id is None or getattr(e, "job_id", None) == job_id)]
+            return [
+                e
+                for e in self.events
+                if e.code & code and (job_id is None or getattr(e, "job_id", None) == job_id)
+            ]
 
-    def wait(self, code: int, job_id: str | None = None, count: int = 1,
-             timeout: float = 15.0) -> list[Any]:  # fmt: skip
+    def wait(
+        self, code: int, job_id: str | None = None, count: int = 1, timeout: float = 15.0
+    ) -> list[Any]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                found = [e for e in self.events if e.code & code
-                         and (job_id is None or getattr(e, "job_id", None) == job_id)]
+                found = [
+                    e
+                    for e in self.events
+                    if e.code & code and (job_id is None or getattr(e, "job_id", None) == job_id)
+                ]
                 if len(found) >= count:
                     return found
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(f"timed out waiting for {count} event(s) {code} "
-                                         f"of {job_id!r}; got {len(found)}")
+                    raise AssertionError(
+                        f"timed out waiting for {count} event(s) {code} "
+                        f"of {job_id!r}; got {len(found)}"
+                    )
                 self._cond.wait(remaining)
 
 
@@ -118,7 +131,8 @@ def make_runtime(settings: Any) -> Iterator[Callable[..., Any]]:
     connection.close()
 
 
-def metric_value(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None
-                 ) -> float | None:  # fmt: skip
+def metric_value(
+    registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None
+) -> float | None:
     value = registry.get_sample_value(name, labels or {})
     return value

@@ -52,9 +52,13 @@ DATABASES = {
         conn_max_age=600,
     )
 }
+# Several test runs may share one server (parallel work, CI): separate test databases.
+_suffix = os.environ.get("TEST_DB_SUFFIX", "main")
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not :memory:, so executor and lease threads share it like a real deployment.
     DATABASES["default"]["TEST"] = {"NAME": str(_sqlite_dir / f"dao-test-{os.getpid()}.sqlite3")}
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
+else:
+    DATABASES["default"]["TEST"] = {"NAME": f"test_dao_{_suffix}"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 APSCHEDULER_AUTODISCOVER = False

@@ -8,6 +8,7 @@ database is down is buffered in memory (bounded) and written when the database r
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import logging
 import threading
@@ -85,14 +86,23 @@ class HistorySink:
         ex = DjangoJobExecution._meta
         qn = conn.ops.quote_name
         cols = [
-            "job_id", "run_time", "status", "owner", "epoch", "started", "trigger_source",
-            "error_type", "trace_id", "span_id", "exception",
-        ]  # fmt: skip
+            "job_id",
+            "run_time",
+            "status",
+            "owner",
+            "epoch",
+            "started",
+            "trigger_source",
+            "error_type",
+            "trace_id",
+            "span_id",
+            "exception",
+        ]
         rt = conn.ops.adapt_datetimefield_value(get_django_internal_datetime(run_time))
         st = conn.ops.adapt_datetimefield_value(
             get_django_internal_datetime(started or timezone.now())
         )
-        col_sql = ", ".join(qn(ex.get_field(c).column) for c in cols)
+        col_sql = ", ".join(qn(ex.get_field(c).column) for c in cols)  # type: ignore[union-attr,arg-type]
         try:
             with conn.cursor() as cursor:
                 if fence is None:
@@ -113,15 +123,25 @@ class HistorySink:
                         f"FROM {lease_table} WHERE {qn('name')} = %s AND {qn('owner')} = %s "
                         f"AND {qn('epoch')} = %s AND {qn('expires_at')} > {db_now_sql(conn.vendor)}"
                         f"{lock}",
-                        [job_id, rt, status, st, trigger_source.value, exception,
-                         group, owner, epoch],
-                    )  # fmt: skip
+                        [
+                            job_id,
+                            rt,
+                            status,
+                            st,
+                            trigger_source.value,
+                            exception,
+                            group,
+                            owner,
+                            epoch,
+                        ],
+                    )
                 inserted = cursor.rowcount
         except IntegrityError:
             return Claim.CONFLICT
         except DatabaseError:
-            logger.warning("Could not claim %s at %s: database error", job_id, run_time,
-                           exc_info=True)
+            logger.warning(
+                "Could not claim %s at %s: database error", job_id, run_time, exc_info=True
+            )
             reset_connection(alias)
             self._count_error("claim")
             return Claim.ERROR
@@ -161,7 +181,8 @@ class HistorySink:
         """A fire time that did not run (max_instances; or missed while the DB was down)."""
 
         def write() -> None:
-            try:
+            # IntegrityError: already recorded (claimed, or a replay): keep that row.
+            with contextlib.suppress(IntegrityError):
                 DjangoJobExecution.objects.create(
                     job_id=job_id,
                     run_time=get_django_internal_datetime(run_time),
@@ -169,8 +190,6 @@ class HistorySink:
                     exception=message,
                     finished=_ts(timezone.now()),
                 )
-            except IntegrityError:  # already recorded (claimed, or a replay): keep that row
-                pass
 
         self._write("skip", write)
 
@@ -183,8 +202,9 @@ class HistorySink:
         try:
             write()
         except DatabaseError:
-            logger.warning("Could not write execution history (%s); buffering it", operation,
-                           exc_info=True)
+            logger.warning(
+                "Could not write execution history (%s); buffering it", operation, exc_info=True
+            )
             reset_connection(_db_alias())
             self._count_error(operation)
             self._enqueue(operation, write)
@@ -193,8 +213,11 @@ class HistorySink:
         with self._lock:
             if len(self._pending) >= conf.HISTORY_BUFFER_SIZE:
                 dropped_op, _ = self._pending.popleft()
-                logger.error("Execution history buffer full (%d): dropped the oldest %s write",
-                             conf.HISTORY_BUFFER_SIZE, dropped_op)
+                logger.error(
+                    "Execution history buffer full (%d): dropped the oldest %s write",
+                    conf.HISTORY_BUFFER_SIZE,
+                    dropped_op,
+                )
                 if self.metrics:
                     self.metrics.history_dropped()
             self._pending.append((operation, write))
@@ -239,11 +262,12 @@ class HistorySink:
             delay = min(delay * 2, 5.0)
 
     def close(self, timeout: float = 5.0) -> None:
-        """On shutdown: one last attempt; what still cannot be written is logged, not lost silently."""
+        """On shutdown: one last attempt; what cannot be written is logged, not dropped."""
         self._wake.set()
         if not self.flush():
-            logger.error("%d execution history write(s) could not be saved before exit",
-                         len(self._pending))
+            logger.error(
+                "%d execution history write(s) could not be saved before exit", len(self._pending)
+            )
         self._stopped = True
 
     def _count_error(self, operation: str) -> None:

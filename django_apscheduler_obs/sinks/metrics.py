@@ -8,6 +8,7 @@ failure and dashboards never show ghosts of removed jobs.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -39,17 +40,25 @@ class SchedulerMetrics:
         r = self.registry
         j = ["job_id"]
         self.runs = Counter(
-            f"{PREFIX}_job_runs", "Runs of a job by outcome and error type.",
-            [*j, "outcome", "error_type"], registry=r,
-        )  # fmt: skip
+            f"{PREFIX}_job_runs",
+            "Runs of a job by outcome and error type.",
+            [*j, "outcome", "error_type"],
+            registry=r,
+        )
         self.duration = Histogram(
-            f"{PREFIX}_job_run_duration_seconds", "True start to end of the job's function.",
-            [*j, "outcome"], buckets=conf.DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
+            f"{PREFIX}_job_run_duration_seconds",
+            "True start to end of the job's function.",
+            [*j, "outcome"],
+            buckets=conf.DURATION_BUCKETS,
+            registry=r,
+        )
         self.start_delay = Histogram(
-            f"{PREFIX}_job_start_delay_seconds", "True start minus scheduled fire time.",
-            j, buckets=conf.DELAY_BUCKETS, registry=r,
-        )  # fmt: skip
+            f"{PREFIX}_job_start_delay_seconds",
+            "True start minus scheduled fire time.",
+            j,
+            buckets=conf.DELAY_BUCKETS,
+            registry=r,
+        )
         self.last_duration = Gauge(
             f"{PREFIX}_job_last_run_duration_seconds", "Duration of the last run.", j, registry=r
         )
@@ -59,71 +68,99 @@ class SchedulerMetrics:
         self.skipped = Counter(
             f"{PREFIX}_job_skipped_runs",
             "Fire times that did not run: misfire, max_instances, or dropped by coalescing.",
-            [*j, "reason"], registry=r,
-        )  # fmt: skip
+            [*j, "reason"],
+            registry=r,
+        )
         self.in_progress = Gauge(
             f"{PREFIX}_job_runs_in_progress", "Runs of the job executing now.", j, registry=r
         )
         self.last_success = Gauge(
             f"{PREFIX}_job_last_success_timestamp_seconds",
-            "End of the last successful run (seeded from the history at start).", j, registry=r,
-        )  # fmt: skip
+            "End of the last successful run (seeded from the history at start).",
+            j,
+            registry=r,
+        )
         self.last_failure = Gauge(
             f"{PREFIX}_job_last_failure_timestamp_seconds",
-            "End of the last failed run (seeded from the history at start).", j, registry=r,
-        )  # fmt: skip
+            "End of the last failed run (seeded from the history at start).",
+            j,
+            registry=r,
+        )
         self.heartbeat = Gauge(
             f"{PREFIX}_scheduler_heartbeat_timestamp_seconds",
-            "Last run of the canary job through the scheduler loop and executor.", registry=r,
-        )  # fmt: skip
+            "Last run of the canary job through the scheduler loop and executor.",
+            registry=r,
+        )
         self.write_errors = Counter(
             f"{PREFIX}_history_write_errors",
             "Execution history writes that failed (retried from the buffer).",
-            ["operation"], registry=r,
-        )  # fmt: skip
+            ["operation"],
+            registry=r,
+        )
         self.pending_writes = Gauge(
             f"{PREFIX}_history_pending_writes",
-            "Execution history writes waiting in memory for the database.", registry=r,
-        )  # fmt: skip
+            "Execution history writes waiting in memory for the database.",
+            registry=r,
+        )
         self.dropped_writes = Counter(
             f"{PREFIX}_history_dropped_writes",
-            "Execution history writes lost because the buffer was full.", registry=r,
-        )  # fmt: skip
+            "Execution history writes lost because the buffer was full.",
+            registry=r,
+        )
         self.cleanup_deleted = Counter(
             f"{PREFIX}_cleanup_deleted_executions",
-            "Execution rows deleted by the retention cleanup.", registry=r,
-        )  # fmt: skip
+            "Execution rows deleted by the retention cleanup.",
+            registry=r,
+        )
         # -- leader lease ------------------------------------------------------------------
         g = ["group"]
-        self.leader = Gauge(f"{PREFIX}_leader", "1 while this process leads its group.", g,
-                            registry=r)
+        self.leader = Gauge(
+            f"{PREFIX}_leader", "1 while this process leads its group.", g, registry=r
+        )
         self.epoch = Gauge(f"{PREFIX}_lease_epoch", "Fencing epoch of the lease.", g, registry=r)
-        self.acquisitions = Counter(f"{PREFIX}_lease_acquisitions",
-                                    "Times this process became the leader.", g, registry=r)
-        self.losses = Counter(f"{PREFIX}_lease_losses", "Times this process stopped leading.",
-                              [*g, "reason"], registry=r)
-        self.renewals = Counter(f"{PREFIX}_lease_renewals", "Lease renewals by result.",
-                                [*g, "result"], registry=r)
-        self.remaining = Gauge(f"{PREFIX}_lease_remaining_seconds",
-                               "Time left on this process's lease.", g, registry=r)
+        self.acquisitions = Counter(
+            f"{PREFIX}_lease_acquisitions", "Times this process became the leader.", g, registry=r
+        )
+        self.losses = Counter(
+            f"{PREFIX}_lease_losses",
+            "Times this process stopped leading.",
+            [*g, "reason"],
+            registry=r,
+        )
+        self.renewals = Counter(
+            f"{PREFIX}_lease_renewals", "Lease renewals by result.", [*g, "result"], registry=r
+        )
+        self.remaining = Gauge(
+            f"{PREFIX}_lease_remaining_seconds", "Time left on this process's lease.", g, registry=r
+        )
         self.failover = Histogram(
             f"{PREFIX}_failover_seconds",
-            "Previous leader's last renewal to this process's acquisition.", g,
-            buckets=(0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120), registry=r,
-        )  # fmt: skip
-        self.claims = Counter(f"{PREFIX}_claims", "Fenced claims of fire times by result.",
-                              [*g, "result"], registry=r)
+            "Previous leader's last renewal to this process's acquisition.",
+            g,
+            buckets=(0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120),
+            registry=r,
+        )
+        self.claims = Counter(
+            f"{PREFIX}_claims", "Fenced claims of fire times by result.", [*g, "result"], registry=r
+        )
         self.stale_writes = Counter(
             f"{PREFIX}_stale_writes_rejected",
-            "Job-state writes rejected by the fence or a concurrent edit.", g, registry=r,
-        )  # fmt: skip
-        self.abandoned = Counter(f"{PREFIX}_abandoned_runs",
-                                 "Runs of earlier leaders marked abandoned.", g, registry=r)
-        self.clock_skew = Gauge(f"{PREFIX}_clock_skew_seconds",
-                                "Database clock minus this host's clock.", g, registry=r)
-        self.changes = Counter(f"{PREFIX}_job_store_changes",
-                               "Job changes by other processes that woke the leader.", g,
-                               registry=r)
+            "Job-state writes rejected by the fence or a concurrent edit.",
+            g,
+            registry=r,
+        )
+        self.abandoned = Counter(
+            f"{PREFIX}_abandoned_runs", "Runs of earlier leaders marked abandoned.", g, registry=r
+        )
+        self.clock_skew = Gauge(
+            f"{PREFIX}_clock_skew_seconds", "Database clock minus this host's clock.", g, registry=r
+        )
+        self.changes = Counter(
+            f"{PREFIX}_job_store_changes",
+            "Job changes by other processes that woke the leader.",
+            g,
+            registry=r,
+        )
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
@@ -176,8 +213,14 @@ class SchedulerMetrics:
             if label is None or label == OTHER_JOB:
                 return
             error_types = self._error_types.pop(label, set())
-        for metric in (self.last_duration, self.last_delay, self.in_progress, self.start_delay,
-                       self.last_success, self.last_failure):
+        for metric in (
+            self.last_duration,
+            self.last_delay,
+            self.in_progress,
+            self.start_delay,
+            self.last_success,
+            self.last_failure,
+        ):
             _remove(metric, label)
         for outcome in (Outcome.SUCCESS, Outcome.ERROR):
             _remove(self.duration, label, outcome.value)
@@ -224,7 +267,7 @@ class SchedulerMetrics:
             self.skipped.labels(self.label(job_id), reason).inc(count)
 
     def seed_last_outcomes(self, rows: Iterable[tuple[str, str, float]]) -> None:
-        """(job_id, "success"|"error", unix time) from the history, so restarts keep alerts right."""
+        """(job_id, "success"|"error", unix time) from the history: restarts keep alerts right."""
         for job_id, outcome, ts in rows:
             gauge = self.last_success if outcome == Outcome.SUCCESS.value else self.last_failure
             gauge.labels(self.label(job_id)).set(ts)
@@ -246,7 +289,5 @@ class SchedulerMetrics:
 
 
 def _remove(metric: Any, *labels: str) -> None:
-    try:
+    with contextlib.suppress(KeyError):
         metric.remove(*labels)
-    except KeyError:
-        pass

@@ -116,7 +116,6 @@ def finish_span(span: trace.Span, record: RunRecord) -> None:
             span.record_exception(record.exception)
 
 
-
 class TraceContextFilter:
     """Logging filter that adds ``otelTraceID``/``otelSpanID`` to every record.
 

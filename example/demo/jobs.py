@@ -45,8 +45,9 @@ def hog() -> None:
     time.sleep(_every(3, 1))
 
 
-@scheduled_job("interval", seconds=1, id="demo_missed", misfire_grace_time=1, coalesce=False,
-               max_instances=10)
+@scheduled_job(
+    "interval", seconds=1, id="demo_missed", misfire_grace_time=1, coalesce=False, max_instances=10
+)
 def missed() -> None:
     """Sleeps past the next fire times of its own; the pool is small in the demo, so some of
     its fire times start more than its 1 s grace late and are recorded as missed."""

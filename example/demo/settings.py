@@ -74,8 +74,9 @@ LOGGING = {
             "format": "%(asctime)s %(levelname)-7s %(name)s [trace=%(otelTraceID)s] %(message)s"
         }
     },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
-                             "filters": ["otel"]}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["otel"]}
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("DEMO_LOG_LEVEL", "INFO")},
     "loggers": {"apscheduler": {"level": "WARNING"}},
 }

@@ -61,27 +61,43 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         m = parser.add_argument_group("metrics endpoint")
-        m.add_argument("--metrics-port", type=_port,
-                       help="serve /metrics, /healthz and /readyz on this port (off if unset)")
-        m.add_argument("--metrics-addr", default="0.0.0.0",
-                       help="address to bind (default 0.0.0.0; use 127.0.0.1 on a bare host)")
+        m.add_argument(
+            "--metrics-port",
+            type=_port,
+            help="serve /metrics, /healthz and /readyz on this port (off if unset)",
+        )
+        m.add_argument(
+            "--metrics-addr",
+            default="0.0.0.0",
+            help="address to bind (default 0.0.0.0; use 127.0.0.1 on a bare host)",
+        )
         m.add_argument("--metrics-certfile", help="TLS certificate (PEM) for the endpoint")
         m.add_argument("--metrics-keyfile", help="TLS private key (PEM)")
-        m.add_argument("--metrics-client-cafile",
-                       help="CA bundle to verify client certificates (mTLS)")
-        m.add_argument("--metrics-client-auth-required", action="store_true",
-                       help="refuse clients without a valid certificate")
+        m.add_argument(
+            "--metrics-client-cafile", help="CA bundle to verify client certificates (mTLS)"
+        )
+        m.add_argument(
+            "--metrics-client-auth-required",
+            action="store_true",
+            help="refuse clients without a valid certificate",
+        )
         h = parser.add_argument_group("several schedulers")
         h.add_argument("--group", help="scheduler group (lease name); default APSCHEDULER_GROUP")
         h.add_argument("--lease-ttl", type=_positive, help="lease TTL in seconds")
         h.add_argument("--renew", type=_positive, help="lease renewal interval in seconds")
         h.add_argument("--standby-poll", type=_positive, help="standby poll in seconds")
         h.add_argument("--change-poll", type=_positive, help="leader's change poll in seconds")
-        h.add_argument("--no-change-poll", action="store_true",
-                       help="do not poll for job changes (only the 60 s resync)")
+        h.add_argument(
+            "--no-change-poll",
+            action="store_true",
+            help="do not poll for job changes (only the 60 s resync)",
+        )
         parser.add_argument("--max-workers", type=int, help="threads running jobs")
-        parser.add_argument("--shutdown-timeout", type=float,
-                            help="seconds to wait for running jobs on SIGTERM/SIGINT")
+        parser.add_argument(
+            "--shutdown-timeout",
+            type=float,
+            help="seconds to wait for running jobs on SIGTERM/SIGINT",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if os.environ.get("RUN_MAIN") == "true":
@@ -101,17 +117,26 @@ class Command(BaseCommand):
         project = settings.SETTINGS_MODULE.split(".")[0] if settings.SETTINGS_MODULE else "django"
         tracing.configure_from_env(f"{project}-scheduler")
         runtime = build_scheduler(
-            group=options["group"], lease_ttl=ttl, renew_interval=renew,
-            standby_poll=options["standby_poll"], change_poll=options["change_poll"],
-            change_polling=not options["no_change_poll"], max_workers=options["max_workers"],
-        )  # fmt: skip
+            group=options["group"],
+            lease_ttl=ttl,
+            renew_interval=renew,
+            standby_poll=options["standby_poll"],
+            change_poll=options["change_poll"],
+            change_polling=not options["no_change_poll"],
+            max_workers=options["max_workers"],
+        )
         self._warn_misfire_grace(ttl, options["standby_poll"] or conf.STANDBY_POLL_INTERVAL)
 
         httpd = None
         if options["metrics_port"]:
             try:
-                httpd, _ = server.serve(runtime, options["metrics_port"], options["metrics_addr"],
-                                        tls=tls, basic_auth=conf.METRICS_BASIC_AUTH)
+                httpd, _ = server.serve(
+                    runtime,
+                    options["metrics_port"],
+                    options["metrics_addr"],
+                    tls=tls,
+                    basic_auth=conf.METRICS_BASIC_AUTH,
+                )
             except (OSError, socket.gaierror) as exc:
                 raise CommandError(
                     f"cannot serve metrics on {options['metrics_addr']}:"
@@ -133,16 +158,23 @@ class Command(BaseCommand):
 
         runtime.start()
         where = f" metrics on {options['metrics_addr']}:{options['metrics_port']}," if httpd else ""
-        logger.info("Scheduler started (%s,%s group %r); Ctrl-C or SIGTERM stops it",
-                    runtime.lease.identity, where, runtime.lease.group)
-        self.stdout.write(f"Scheduler running as {runtime.lease.identity}.{where} "
-                          "Press Ctrl-C to stop.")  # fmt: skip
+        logger.info(
+            "Scheduler started (%s,%s group %r); Ctrl-C or SIGTERM stops it",
+            runtime.lease.identity,
+            where,
+            runtime.lease.group,
+        )
+        self.stdout.write(
+            f"Scheduler running as {runtime.lease.identity}.{where} Press Ctrl-C to stop."
+        )
         self.stdout.flush()
         while not stop.wait(3600):
             pass
 
-        logger.info("Stopping: no new runs; waiting up to %ss for running jobs",
-                    options["shutdown_timeout"] or conf.SHUTDOWN_TIMEOUT)
+        logger.info(
+            "Stopping: no new runs; waiting up to %ss for running jobs",
+            options["shutdown_timeout"] or conf.SHUTDOWN_TIMEOUT,
+        )
         unfinished = runtime.stop(options["shutdown_timeout"])
         if httpd is not None:
             httpd.shutdown()
@@ -157,15 +189,24 @@ class Command(BaseCommand):
     def _tls(self, options: dict[str, Any]) -> ssl.SSLContext | None:
         certfile, keyfile = options["metrics_certfile"], options["metrics_keyfile"]
         if not certfile:
-            if keyfile or options["metrics_client_cafile"] or options["metrics_client_auth_required"]:
-                raise CommandError("--metrics-keyfile and client certificate options need "
-                                   "--metrics-certfile")
+            if (
+                keyfile
+                or options["metrics_client_cafile"]
+                or options["metrics_client_auth_required"]
+            ):
+                raise CommandError(
+                    "--metrics-keyfile and client certificate options need --metrics-certfile"
+                )
             return None
         from django_apscheduler_obs.server import ssl_context
 
         try:
-            return ssl_context(certfile, keyfile, client_cafile=options["metrics_client_cafile"],
-                               client_auth_required=options["metrics_client_auth_required"])
+            return ssl_context(
+                certfile,
+                keyfile,
+                client_cafile=options["metrics_client_cafile"],
+                client_auth_required=options["metrics_client_auth_required"],
+            )
         except (OSError, ssl.SSLError) as exc:
             raise CommandError(f"cannot load TLS files: {exc}") from None
 
@@ -175,5 +216,7 @@ class Command(BaseCommand):
             logger.warning(
                 "misfire_grace_time (%ss) is shorter than a failover (lease TTL %ss + standby "
                 "poll %ss): runs due during a failover will be recorded as missed",
-                grace, ttl, standby_poll,
+                grace,
+                ttl,
+                standby_poll,
             )
