@@ -21,6 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from django.db import DatabaseError, IntegrityError, transaction
+from django.db import connections as db_connections
 from django.db.models import DateTimeField as DTField
 from django.db.models import ExpressionWrapper, F, Value
 from django.utils import timezone as dj_timezone
@@ -273,6 +274,7 @@ class LeaseKeeper(threading.Thread):
                 logger.exception("Lease thread error")
                 reset_connection()
             self._stop_event.wait(self._interval())
+        db_connections.close_all()
 
     def _interval(self) -> float:
         if self.lease.is_leader():

@@ -17,7 +17,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.interval import IntervalTrigger
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
 from django.db.backends.signals import connection_created
 from django.db.models import Max
 from prometheus_client import CollectorRegistry
@@ -50,6 +50,12 @@ class ObservedScheduler(BackgroundScheduler):
     An exception escaping ``_process_jobs`` ends APScheduler's scheduler thread for good
     (django-apscheduler 0.7 loses its scheduler to ``database is locked`` this way).
     """
+
+    def _main_loop(self) -> None:
+        try:
+            super()._main_loop()
+        finally:
+            connections.close_all()  # this thread's connection; threads do not close theirs
 
     def _process_jobs(self) -> float | None:
         with scheduler_loop():

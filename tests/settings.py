@@ -49,7 +49,9 @@ _sqlite_dir = Path(os.environ.get("TEST_SQLITE_DIR", tempfile.gettempdir()))
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL", f"sqlite:///{_sqlite_dir / 'dao-tests.sqlite3'}"),
-        conn_max_age=600,
+        # 0: worker threads close their connection after each run, so no session outlives
+        # a test (a live session blocks dropping the PostgreSQL test database).
+        conn_max_age=0,
     )
 }
 # Several test runs may share one server (parallel work, CI): separate test databases.
