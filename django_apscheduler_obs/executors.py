@@ -35,6 +35,7 @@ from apscheduler.events import (
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from django import db
+from opentelemetry.trace import TracerProvider
 
 from django_apscheduler_obs.models import DjangoJobExecution
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
@@ -77,12 +78,14 @@ class RunObserver:
         lease: Lease | None = None,
         is_fenced_store: Callable[[str], bool] = lambda alias: True,
         max_runtime: Callable[[str], float | None] = lambda job_id: None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.history = history if history is not None else HistorySink(metrics)
         self.metrics = metrics
         self.lease = lease
         self.is_fenced_store = is_fenced_store
         self.max_runtime = max_runtime
+        self.tracer = tracing.get_tracer(tracer_provider)
         self._running: dict[str, dict[int, float]] = {}  # job id -> {run key: start ts}
         self._running_lock = threading.Lock()
 
@@ -270,7 +273,7 @@ def _run_one(
     )
     key = id(record)
     events: list[JobExecutionEvent] = []
-    with tracing.run_span(info, record, traceparent=traceparent) as span:
+    with tracing.run_span(info, record, tracer=observer.tracer, traceparent=traceparent) as span:
         record.started = datetime.now(timezone.utc)
         record.start_delay = (record.started - run_time).total_seconds()
         observer.started(info, key, record.started.timestamp())
@@ -324,6 +327,7 @@ class ObservedExecutorMixin:
 
     observer: RunObserver
     _pool: Any
+    _scheduler: Any
     _logger: logging.Logger
     _run_job_error: Callable[..., None]
     _run_job_success: Callable[..., None]
@@ -374,9 +378,12 @@ class ObservedExecutorMixin:
     ) -> None:
         def callback(f: Any) -> None:
             exc = f.exception()
-            if not count_instance:
+            if not count_instance:  # outside max_instances accounting: just dispatch
                 if exc:
                     self._logger.error("Error running job %s", job.id, exc_info=exc)
+                else:
+                    for event in f.result():
+                        self._scheduler._dispatch_event(event)
                 return
             if exc:
                 self._run_job_error(job.id, exc, getattr(exc, "__traceback__", None))

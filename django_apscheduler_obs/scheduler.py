@@ -20,6 +20,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from django.db import DatabaseError, connections
 from django.db.backends.signals import connection_created
 from django.db.models import Max
+from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
 from django_apscheduler_obs import cleanup, listeners
@@ -232,6 +233,7 @@ def build_scheduler(
     max_workers: int | None = None,
     heartbeat_interval: float | None = None,
     process_metrics: bool = True,
+    tracer_provider: TracerProvider | None = None,
 ) -> SchedulerRuntime:
     """Assemble a scheduler process. Nothing touches the database until ``start()``."""
     metrics = SchedulerMetrics(registry, process=process_metrics)
@@ -245,6 +247,7 @@ def build_scheduler(
         lease=lease,
         is_fenced_store=lambda alias: alias == "default",
         max_runtime=job_registry.max_runtime,
+        tracer_provider=tracer_provider,
     )
     executor = ObservedThreadPoolExecutor(max_workers or conf.MAX_WORKERS, observer=observer)
     scheduler = ObservedScheduler(

@@ -69,8 +69,14 @@ def describe(trigger: BaseTrigger) -> str:
     if isinstance(trigger, DateTrigger):
         return f"once at {trigger.run_date:%Y-%m-%d %H:%M:%S %Z}"
     if isinstance(trigger, CronTrigger):
-        fields = {f.name: str(f) for f in trigger.fields if not f.is_default}
-        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        # Fields after the first one set are implied (hour=9 means minute=0 second=0): show
+        # them, so "hour=9" is not read as "every minute of 09:00".
+        parts, started = [], False
+        for f in trigger.fields:
+            started = started or not f.is_default
+            if started and str(f) != "*":
+                parts.append(f"{f.name}={f}")
+        text = " ".join(parts)
         return f"cron {text}" if text else "cron (every second)"
     return str(trigger)
 

@@ -33,3 +33,20 @@ def ledger() -> None:
     run = current_run.get()
     assert run is not None
     Ledger.objects.create(job_id=run.job_id, run_time=run.run_time)
+
+
+# Set by tracing tests: the provider a job uses for its own spans.
+inner_tracer_provider = None
+
+
+def traced_inner() -> None:
+    """Makes a span of its own, as a job calling an instrumented library would."""
+    assert inner_tracer_provider is not None
+    with inner_tracer_provider.get_tracer("tests.jobs").start_as_current_span("inner work"):
+        pass
+
+
+def logs_a_line() -> None:
+    import logging
+
+    logging.getLogger("tests.jobs").warning("hello from the job")

@@ -55,7 +55,7 @@ DATABASES = {
     )
 }
 # Several test runs may share one server (parallel work, CI): separate test databases.
-_suffix = os.environ.get("TEST_DB_SUFFIX", "main")
+_suffix = os.environ.get("TEST_DB_SUFFIX") or f"p{os.getpid()}"
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # A file, not :memory:, so executor and lease threads share it like a real deployment.
     DATABASES["default"]["TEST"] = {"NAME": str(_sqlite_dir / f"dao-test-{os.getpid()}.sqlite3")}

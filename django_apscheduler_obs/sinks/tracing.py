@@ -41,10 +41,11 @@ OWNER = "apscheduler.scheduler.owner"
 EPOCH = "apscheduler.scheduler.epoch"
 
 
-def _tracer() -> trace.Tracer:
+def get_tracer(tracer_provider: trace.TracerProvider | None = None) -> trace.Tracer:
+    """Our tracer from ``tracer_provider`` (tests, custom setups) or the global provider."""
     from django_apscheduler_obs import __version__
 
-    return trace.get_tracer(TRACER_NAME, __version__)
+    return trace.get_tracer(TRACER_NAME, __version__, tracer_provider)
 
 
 def _exception_as_event() -> bool:
@@ -58,6 +59,7 @@ def run_span(
     job: JobInfo,
     record: RunRecord,
     *,
+    tracer: trace.Tracer | None = None,
     traceparent: str | None = None,
 ) -> Iterator[trace.Span]:
     """Start the run's span as a new root; a run-now request's trace is *linked*, not parent."""
@@ -68,7 +70,7 @@ def run_span(
             links.append(Link(remote))
     token = otel_context.attach(otel_context.Context())  # a run is a root, whatever the thread
     try:
-        with _tracer().start_as_current_span(
+        with (tracer or get_tracer()).start_as_current_span(
             f"run {job.id}",
             kind=SpanKind.INTERNAL,
             links=links,

@@ -1,0 +1,50 @@
+"""The expected interval that lets one alert rule fit every job, weekends included."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from apscheduler.triggers.combining import OrTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from django_apscheduler_obs.triggers import describe, expected_interval
+
+pytestmark = pytest.mark.once
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)  # a Monday
+
+
+@pytest.mark.parametrize(
+    ("trigger", "seconds"),
+    [
+        (IntervalTrigger(minutes=5), 300),
+        (IntervalTrigger(seconds=10, jitter=3), 13),
+        (CronTrigger(hour=3, timezone="UTC"), 86400),
+        # Friday 09:00 to Monday 09:00 is the largest gap: no alert over a weekend.
+        (CronTrigger(day_of_week="mon-fri", hour=9, timezone="UTC"), 259200),
+        (CronTrigger(day_of_week="mon", hour=0, timezone="UTC"), 604800),
+        (CronTrigger(minute="*/15", timezone="UTC"), 900),
+        (CronTrigger(day=1, hour=0, timezone="UTC"), 31 * 86400),
+        (
+            OrTrigger([CronTrigger(hour=6, timezone="UTC"), CronTrigger(hour=18, timezone="UTC")]),
+            43200,
+        ),
+    ],
+)
+def test_expected_interval_is_the_largest_gap(trigger, seconds):
+    assert expected_interval(trigger, NOW) == seconds
+    assert expected_interval(trigger) == seconds  # cached path
+
+
+def test_one_off_jobs_have_no_interval():
+    assert expected_interval(DateTrigger(datetime(2030, 1, 1, tzinfo=timezone.utc))) is None
+
+
+def test_describe_in_words():
+    assert describe(IntervalTrigger(minutes=5)) == "every 5 min"
+    assert describe(IntervalTrigger(seconds=90)) == "every 90 s"
+    assert describe(CronTrigger(day_of_week="mon-fri", hour=9, timezone="UTC")) == (
+        "cron day_of_week=mon-fri hour=9 minute=0 second=0"
+    )
