@@ -18,6 +18,8 @@ from typing import Any
 
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.calendarinterval import CalendarIntervalTrigger
+from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import obj_to_ref, ref_to_obj
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import autodiscover_modules
@@ -55,19 +57,22 @@ class JobSpec:
     def func_ref(self) -> str:
         return obj_to_ref(self.func)
 
+    trigger_key: str = ""  # the declaration of the trigger, stable across processes
+
     def trigger_hash(self) -> str:
-        # str(trigger) omits start/end dates and jitter; the pickled state has all of it.
-        return hashlib.sha256(pickle.dumps(self.trigger.__getstate__(), 4)).hexdigest()
+        return hashlib.sha256(self.trigger_key.encode()).hexdigest()[:32]
 
     def definition_hash(self) -> str:
+        """Trigger hash (32 hex) + hash of the rest (32 hex): the first half tells a changed
+        schedule (reschedule) from changed arguments (modify, keep the next run time)."""
         parts = [
             self.func_ref,
-            self.trigger_hash(),
             repr(self.args),
             repr(sorted(self.kwargs.items())),
             repr(sorted(self.options.items())),
         ]
-        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+        rest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+        return self.trigger_hash() + rest
 
 
 class JobRegistry:
@@ -127,7 +132,7 @@ class JobRegistry:
         job_id = job_id or ref.replace(":", ".")
         options = {k: trigger_and_options.pop(k) for k in JOB_OPTIONS if k in trigger_and_options}
         try:
-            trigger_obj = _make_trigger(trigger, trigger_and_options)
+            trigger_obj = _make_trigger(trigger, dict(trigger_and_options))
         except (ValueError, TypeError, LookupError) as exc:
             raise JobDefinitionError(f"Job {job_id!r}: invalid trigger: {exc}") from exc
         args = tuple(args)
@@ -148,7 +153,16 @@ class JobRegistry:
                 f"Job {job_id!r} is declared twice ({existing.func_ref} and {ref}); "
                 "job ids must be unique"
             )
-        spec = JobSpec(job_id, func, trigger_obj, args, kwargs, options, max_runtime)
+        spec = JobSpec(
+            job_id,
+            func,
+            trigger_obj,
+            args,
+            kwargs,
+            options,
+            max_runtime,
+            _trigger_key(trigger, trigger_obj, trigger_and_options),
+        )
         self._specs[job_id] = spec
         return spec
 
@@ -193,6 +207,17 @@ def scheduled_job(
         return func
 
     return decorator
+
+
+def _trigger_key(declared: BaseTrigger | str, trigger: BaseTrigger, fields: dict[str, Any]) -> str:
+    """What was declared, not the trigger built from it: an interval trigger built without a
+    start date gets ``now + interval``, which would change the hash at every start."""
+    if isinstance(declared, str):
+        return f"{declared}:{sorted((k, repr(v)) for k, v in fields.items())!r}"
+    state = dict(trigger.__getstate__())
+    if isinstance(trigger, (IntervalTrigger, CalendarIntervalTrigger)):
+        state.pop("start_date", None)
+    return f"{type(trigger).__qualname__}:{sorted((k, repr(v)) for k, v in state.items())!r}"
 
 
 def _make_trigger(trigger: BaseTrigger | str, fields: dict[str, Any]) -> BaseTrigger:
@@ -252,10 +277,7 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
             report["added"].append(spec.id)
         else:
             existing = scheduler.get_job(spec.id, jobstore)
-            same_trigger = existing is not None and (
-                pickle.dumps(existing.trigger.__getstate__(), 4)
-                == pickle.dumps(spec.trigger.__getstate__(), 4)
-            )
+            same_trigger = existing is not None and old[:32] == digest[:32]
             if same_trigger:
                 scheduler.modify_job(spec.id, jobstore, func=spec.func, **common)
                 report["updated"].append(spec.id)

@@ -104,7 +104,9 @@ def standbys(labels: str) -> str:
     return f"(max by (job, instance) ({sel('apscheduler_leader', labels)}) == 0)"
 
 
-def leader_only(expr: str, labels: str) -> str:
+def leader_only(expr: str, labels: str = 'job=~"$job", instance=~"$instance"') -> str:
+    """``expr`` without standbys. ``labels`` select processes: never filter on ``job_id`` here,
+    ``apscheduler_leader`` has no such label."""
     return f"({expr} unless on(job, instance) {standbys(labels)})"
 
 
@@ -355,12 +357,11 @@ and on(job, instance)
 (
   time() - {sel("apscheduler_scheduler_heartbeat_timestamp_seconds", s)} > {cfg["heartbeat_stale_seconds"]}
 )
-{not_standby}
 """,  # noqa: E501
             cfg["heartbeat_stale_for"],
             "critical",
             "The APScheduler canary heartbeat is stale.",
-            f"The canary job of the leader {L_INSTANCE} (job {L_JOB}) last ran {DURATION} ago: "
+            f"The canary job of {L_INSTANCE} (job {L_JOB}) last ran {DURATION} ago: "
             "the scheduler loop or its executor is blocked although /metrics still answers.",
             instance_url,
         ),
@@ -750,34 +751,38 @@ class Layout:
 
 def last_outcome(f: str) -> str:
     """1 when the last run failed, 0 when it succeeded, absent when the job never ran."""
-    fail = f"max by (job_id) ({leader_only(sel('apscheduler_job_last_failure_timestamp_seconds', f), f)})"  # noqa: E501
-    ok = f"max by (job_id) ({leader_only(sel('apscheduler_job_last_success_timestamp_seconds', f), f)})"  # noqa: E501
+    fail = (
+        f"max by (job_id) ({leader_only(sel('apscheduler_job_last_failure_timestamp_seconds', f))})"  # noqa: E501
+    )
+    ok = (
+        f"max by (job_id) ({leader_only(sel('apscheduler_job_last_success_timestamp_seconds', f))})"  # noqa: E501
+    )
     return f"({fail} > bool {ok}) or ({fail} * 0 + 1) or ({ok} * 0)"
 
 
 def since_last_success(f: str) -> str:
-    success = leader_only(sel("apscheduler_job_last_success_timestamp_seconds", f), f)
-    registered = leader_only(sel("apscheduler_job_registered_timestamp_seconds", f), f)
+    success = leader_only(sel("apscheduler_job_last_success_timestamp_seconds", f))
+    registered = leader_only(sel("apscheduler_job_registered_timestamp_seconds", f))
     return f"time() - max by (job_id) ({success} or {registered})"
 
 
 def expected_interval(f: str) -> str:
     interval = sel("apscheduler_job_expected_interval_seconds", f)
-    return f"max by (job_id) ({leader_only(interval, f)})"
+    return f"max by (job_id) ({leader_only(interval)})"
 
 
 def failing_now(f: str) -> str:
     fail = sel("apscheduler_job_last_failure_timestamp_seconds", f)
     ok = sel("apscheduler_job_last_success_timestamp_seconds", f)
     cond = f"(({fail} > on({JOB_KEYS}) {ok}) or ({fail} unless on({JOB_KEYS}) {ok}))"
-    return f"count({leader_only(cond, f)}) or vector(0)"
+    return f"count({leader_only(cond)}) or vector(0)"
 
 
 def overdue_now(f: str, cfg: dict[str, Any]) -> str:
     nxt = sel("apscheduler_job_next_run_timestamp_seconds", f)
     paused = f"({sel('apscheduler_job_paused', f)} == 1)"
     cond = f"((time() - {nxt}) > {cfg['overdue_threshold_seconds']} unless on({JOB_KEYS}) {paused})"
-    return f"count({leader_only(cond, f)}) or vector(0)"
+    return f"count({leader_only(cond)}) or vector(0)"
 
 
 def quantile(q: float, metric: str, f: str, by: str = "job_id") -> str:
@@ -846,9 +851,9 @@ def latency_panels(lay: Layout, f: str) -> None:
     lay.add(timeseries(
         "Last run duration and start delay", "The last value of each, useful for jobs that "
         "run too rarely for a histogram quantile.",
-        [target(f"max by (job_id) ({leader_only(sel('apscheduler_job_last_run_duration_seconds', f), f)})",  # noqa: E501
+        [target(f"max by (job_id) ({leader_only(sel('apscheduler_job_last_run_duration_seconds', f))})",  # noqa: E501
                 "A", "{{job_id}} duration"),
-         target(f"max by (job_id) ({leader_only(sel('apscheduler_job_last_start_delay_seconds', f), f)})",  # noqa: E501
+         target(f"max by (job_id) ({leader_only(sel('apscheduler_job_last_start_delay_seconds', f))})",  # noqa: E501
                 "B", "{{job_id}} start delay")],
         "s",
     ), 8, 8)  # fmt: skip
@@ -991,7 +996,7 @@ def overview_dashboard(cfg: dict[str, Any]) -> dict[str, Any]:
     lay.add(stat(
         "Heartbeat age", "Time since the canary job last ran through the loop and the "
         f"executor of the leader; the alert fires above {cfg['heartbeat_stale_seconds']}s.",
-        [target(f"time() - max by (instance) ({leader_only(sel('apscheduler_scheduler_heartbeat_timestamp_seconds', f), f)})",  # noqa: E501
+        [target(f"time() - max by (instance) ({leader_only(sel('apscheduler_scheduler_heartbeat_timestamp_seconds', f))})",  # noqa: E501
                 "A", "{{instance}}", instant=True)],
         "s", thresholds=steps(("green", None), ("orange", 60),
                               ("red", cfg["heartbeat_stale_seconds"])),
@@ -1045,7 +1050,7 @@ def overview_dashboard(cfg: dict[str, Any]) -> dict[str, Any]:
 
     lay.row("Jobs")
     job_gauge = {
-        name: f"max by (job_id) ({leader_only(sel(name, fj), fj)})"
+        name: f"max by (job_id) ({leader_only(sel(name, fj))})"
         for name in (
             "apscheduler_job_next_run_timestamp_seconds",
             "apscheduler_job_last_run_duration_seconds",
@@ -1277,7 +1282,7 @@ def job_dashboard(cfg: dict[str, Any]) -> dict[str, Any]:
     runs, skipped = "apscheduler_job_runs_total", "apscheduler_job_skipped_runs_total"
 
     def gauge(name: str) -> str:
-        return f"max by (job_id) ({leader_only(sel(name, fj), fj)})"
+        return f"max by (job_id) ({leader_only(sel(name, fj))})"
 
     lay.row("Status")
     lay.add(stat(
@@ -1315,7 +1320,7 @@ def job_dashboard(cfg: dict[str, Any]) -> dict[str, Any]:
     ), 3, 4)  # fmt: skip
     lay.add(stat(
         "Running for", "Age of the oldest run still going; empty when nothing runs.",
-        [target(f"time() - max by (job_id) "
+        [target(f"time() - min by (job_id) "
                 f"({sel('apscheduler_job_oldest_running_start_timestamp_seconds', fj)})", "A",
                 "{{job_id}}", instant=True)],
         "s",
