@@ -138,7 +138,7 @@ class DjangoJobExecution(models.Model):
         ordering = ("-run_time",)
         constraints = [
             # The fenced claim: one row per fire time, whatever the number of schedulers.
-            UniqueConstraint(fields=["job_id", "run_time"], name="unique_job_executions")
+            UniqueConstraint(fields=["job_id", "run_time"], name="dao_exec_unique_job_run_time")
         ]
         indexes = [
             # last success / failure per job (admin, metrics seeding, status command)
@@ -204,3 +204,49 @@ class SchedulerInstance(models.Model):
 
     def __str__(self) -> str:
         return self.identity
+
+
+class RunRequest(models.Model):
+    """A "run now" asked for in the admin, carried out by the leader of ``group``.
+
+    The web process only writes this row; the active scheduler polls queued rows (``runnow.py``)
+    and runs the job through its observed executor with ``run_time = requested_at``, so the
+    resulting execution row is ``(job_id, requested_at)``.
+    """
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    REFUSED = "refused"
+    STATUS_CHOICES = [(s, s) for s in (QUEUED, RUNNING, DONE, FAILED, REFUSED)]
+    PENDING_STATUSES = (QUEUED, RUNNING)
+
+    id = models.BigAutoField(primary_key=True)
+    job_id = models.CharField(max_length=255, db_index=True)
+    group = models.CharField(max_length=100, default="default")
+    requested_by = models.CharField(max_length=150, blank=True, default="")
+    requested_at = models.DateTimeField(default=timezone.now, db_index=True)
+    # W3C trace context of the admin request, so the run's span can link to it.
+    traceparent = models.CharField(max_length=55, blank=True, default="")
+    status = models.CharField(max_length=10, choices=STATUS_CHOICES, default=QUEUED)
+    message = models.TextField(blank=True, default="")
+    # Who picked it up, and when.
+    handled_by = models.CharField(max_length=200, blank=True, default="")
+    handled_at = models.DateTimeField(null=True, blank=True)
+    # The execution row it produced, once known (history outlives requests and vice versa).
+    execution = models.ForeignKey(
+        DjangoJobExecution,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+    )
+
+    class Meta:
+        ordering = ("-requested_at",)
+        indexes = [models.Index(fields=["group", "status"], name="dao_runreq_group_status")]
+
+    def __str__(self) -> str:
+        return f"run {self.job_id} now (#{self.pk}, {self.status})"

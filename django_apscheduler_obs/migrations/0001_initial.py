@@ -81,7 +81,7 @@ class Migration(migrations.Migration):
             options={
                 'ordering': ('-run_time',),
                 'indexes': [models.Index(fields=['job', 'status', 'run_time'], name='dao_exec_job_status_rt'), models.Index(fields=['status', 'run_time'], name='dao_exec_status_rt')],
-                'constraints': [models.UniqueConstraint(fields=('job_id', 'run_time'), name='unique_job_executions')],
+                'constraints': [models.UniqueConstraint(fields=('job_id', 'run_time'), name='dao_exec_unique_job_run_time')],
             },
         ),
     ]
