@@ -43,7 +43,10 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         errors.append(Error(msg, hint=hint, id=f"{ID}.E{code:03d}"))
 
     # E001: job defaults
-    defaults = conf.JOB_DEFAULTS
+    ok, defaults = _get(lambda: conf.JOB_DEFAULTS)
+    if not ok:
+        error(1, "APSCHEDULER_JOB_DEFAULTS must be a dict")
+        defaults = {}
     unknown = set(defaults) - JOB_DEFAULT_KEYS
     if unknown:
         error(
@@ -116,7 +119,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
     elif (
         grace is not None
-        and _number(grace)
+        and _int(grace)
         and _number(conf.LEASE_TTL)
         and _number(conf.STANDBY_POLL_INTERVAL)
         and grace < conf.LEASE_TTL + conf.STANDBY_POLL_INTERVAL

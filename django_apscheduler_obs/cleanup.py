@@ -32,9 +32,12 @@ def delete_executions(
     batch_size: int | None = None,
     dry_run: bool = False,
 ) -> int:
-    """Delete executions whose run time is before ``before``; returns how many."""
+    """Delete executions whose run time is at or before ``before`` (0.7's ``lte``); returns
+    how many (with ``dry_run``, how many would go)."""
     batch_size = batch_size or conf.CLEANUP_BATCH_SIZE
-    qs = DjangoJobExecution.objects.filter(run_time__lt=before)
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    qs = DjangoJobExecution.objects.filter(run_time__lte=before)
     if job_ids:
         qs = qs.filter(job_id__in=list(job_ids))
     if statuses:

@@ -244,7 +244,7 @@ class SchedulerCollector(Collector):
         yield state_family
         yield from self._scheduler_info()
         yield from self._executors()
-        yield from self._lease()
+        self._update_lease_gauges()
 
     def _scheduler_info(self) -> Iterator[Metric]:
         import apscheduler
@@ -293,13 +293,12 @@ class SchedulerCollector(Collector):
         yield busy
         yield size
 
-    def _lease(self) -> Iterator[Metric]:
+    def _update_lease_gauges(self) -> None:
+        """Read at scrape time: a lease that lapsed while nobody looked must not show 1."""
         rt = self.runtime
-        m = rt.metrics
         group = rt.lease.group
-        m.leader.labels(group).set(1.0 if rt.lease.is_leader() else 0.0)
-        m.remaining.labels(group).set(rt.lease.remaining)
-        return iter(())
+        rt.metrics.leader.labels(group).set(1.0 if rt.lease.is_leader() else 0.0)
+        rt.metrics.remaining.labels(group).set(rt.lease.remaining)
 
 
 class JobStoreCollector(Collector):

@@ -9,8 +9,10 @@ scheduler and any user listener see exactly what they saw before.
 
 Per fire time::
 
-    misfire check -> fenced claim (INSERT the execution row) -> span + clock -> job.func
-    -> RunRecord -> sinks: history (UPDATE the row), metrics, span status
+    [scheduler thread, before APScheduler advances the job in its store]
+    misfire check -> fenced claim (INSERT the execution row)
+    [worker thread]
+    span + clock -> job.func -> RunRecord -> sinks: history (UPDATE the row), metrics, span
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from apscheduler.job import Job
 from django import db
 from opentelemetry.trace import TracerProvider
 
+from django_apscheduler_obs.jobstores import request_replay
+from django_apscheduler_obs.lease import freeze_point, unsafe_no_claim
 from django_apscheduler_obs.models import DjangoJobExecution
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
 from django_apscheduler_obs.sinks import tracing
@@ -102,16 +106,30 @@ class RunObserver:
         return True, self.lease.fence()
 
     def claim(self, job: JobInfo, run_time: datetime, status: str, **kwargs: Any) -> Claim:
+        return self.claim_fenced(job, run_time, status, **kwargs)[0]
+
+    def claim_fenced(
+        self, job: JobInfo, run_time: datetime, status: str, **kwargs: Any
+    ) -> tuple[Claim, tuple[str, int] | None]:
+        """The claim and the (owner, epoch) it was made under (read *before* the statement:
+        the database decides whether that epoch still holds)."""
+        if unsafe_no_claim():  # TEST-ONLY negative control of the chaos suite
+            return Claim.CLAIMED, None
         fenced, fence = self.fence(job.jobstore)
         if fenced and fence is None:
             result = Claim.FENCED  # we know locally that we lost the lease: no statement
         else:
+            freeze_point("claim")  # TEST-ONLY hook: off unless APSCHEDULER_TEST_HOOKS
             result = self.history.claim(
                 job.id, run_time, fence, group=self.group, status=status, **kwargs
             )
+            if result is Claim.FENCED and fence is not None and self.lease is not None:
+                # The database says this epoch no longer leads: stop acting on it now, not
+                # at the local deadline (no replays of fire times we cannot claim).
+                self.lease.fenced_by_database(fence[1])
         if self.metrics is not None:
             self.metrics.claims.labels(self.group, result.value).inc()
-        return result
+        return result, fence
 
     def _isolated(self, what: str, fn: Callable[..., Any], *args: Any) -> None:
         try:
@@ -175,13 +193,15 @@ def observed_run_job(
     coalesced: int = 0,
     trigger_source: TriggerSource = TriggerSource.SCHEDULE,
     traceparent: str | None = None,
+    claims: dict[datetime, PreClaim] | None = None,
 ) -> list[JobExecutionEvent]:
-    """APScheduler's ``run_job`` contract, with a claim, a span and a record per run time."""
+    """APScheduler's ``run_job`` contract, with a claim, a span and a record per run time.
+
+    ``claims``: fire times already claimed by the scheduler thread (``claim_fire_times``).
+    """
     run_logger = logging.getLogger(logger_name)
     events: list[JobExecutionEvent] = []
-    info = JobInfo.of(job)
-    if not info.jobstore:
-        info = JobInfo(**{**info.__dict__, "jobstore": jobstore_alias})
+    info = _job_info(job, jobstore_alias)
     if coalesced:
         observer.skip(job.id, "coalesced", coalesced)
     db.close_old_connections()
@@ -198,12 +218,86 @@ def observed_run_job(
                     coalesced=coalesced,
                     trigger_source=trigger_source,
                     traceparent=traceparent,
+                    pre=claims.get(run_time) if claims is not None else None,
                 )
             )
             coalesced = 0
     finally:
         db.close_old_connections()
     return events
+
+
+@dataclass(frozen=True)
+class PreClaim:
+    """The outcome of claiming one fire time, and what the run needs to know about it."""
+
+    result: Claim
+    status: str  # DjangoJobExecution.SENT, or MISSED when past misfire_grace_time
+    fence: tuple[str, int] | None = None  # (owner, epoch) the claim was made under
+    message: str = ""  # why it was missed
+    replay: bool = False  # ERROR: the job store keeps the fire time, so it is claimed again
+
+
+def _job_info(job: Job, jobstore_alias: str) -> JobInfo:
+    info = JobInfo.of(job)
+    if not info.jobstore:
+        info = JobInfo(**{**info.__dict__, "jobstore": jobstore_alias})
+    return info
+
+
+def _claim_one(
+    observer: RunObserver,
+    job: Job,
+    info: JobInfo,
+    run_time: datetime,
+    run_logger: logging.Logger,
+    trigger_source: TriggerSource,
+) -> PreClaim:
+    # The misfire rule of APScheduler's run_job, unchanged.
+    if job.misfire_grace_time is not None and trigger_source is TriggerSource.SCHEDULE:
+        difference = datetime.now(timezone.utc) - run_time
+        if difference > timedelta(seconds=job.misfire_grace_time):
+            run_logger.warning('Run time of job "%s" was missed by %s', job, difference)
+            message = f"Run time of job '{job.id}' was missed by {difference}"
+            result, fence = observer.claim_fenced(
+                info, run_time, DjangoJobExecution.MISSED, exception=message
+            )
+            return PreClaim(result, DjangoJobExecution.MISSED, fence, message)
+    result, fence = observer.claim_fenced(
+        info,
+        run_time,
+        DjangoJobExecution.SENT,
+        started=datetime.now(timezone.utc),
+        trigger_source=trigger_source,
+    )
+    return PreClaim(result, DjangoJobExecution.SENT, fence)
+
+
+def claim_fire_times(
+    observer: RunObserver,
+    job: Job,
+    jobstore_alias: str,
+    run_times: list[datetime],
+    logger_name: str,
+) -> dict[datetime, PreClaim]:
+    """Claim every fire time in the scheduler thread, *before* APScheduler advances the job.
+
+    ``_process_jobs`` calls ``submit_job`` and then ``update_job``. Claiming here, not in the
+    worker, means that no pause or crash can fall between "the store moved past this fire time"
+    and "this fire time is claimed": a process that stops after this point leaves a claimed
+    row (run late, or marked ``abandoned`` by the next leader), never a silent gap. A claim
+    that fails on a database error asks the job store not to advance the job, so the fire time
+    is replayed (and claimed) on a later pass, by this leader or the next one.
+    """
+    run_logger = logging.getLogger(logger_name)
+    info = _job_info(job, jobstore_alias)
+    claims: dict[datetime, PreClaim] = {}
+    for run_time in run_times:
+        pre = _claim_one(observer, job, info, run_time, run_logger, TriggerSource.SCHEDULE)
+        if pre.result is Claim.ERROR and observer.is_fenced_store(info.jobstore):
+            pre = PreClaim(pre.result, pre.status, pre.fence, pre.message, request_replay(job.id))
+        claims[run_time] = pre
+    return claims
 
 
 def _run_one(
@@ -217,39 +311,23 @@ def _run_one(
     coalesced: int,
     trigger_source: TriggerSource,
     traceparent: str | None,
+    pre: PreClaim | None = None,
 ) -> list[JobExecutionEvent]:
-    # The misfire rule of APScheduler's run_job, unchanged.
-    if job.misfire_grace_time is not None and trigger_source is TriggerSource.SCHEDULE:
-        difference = datetime.now(timezone.utc) - run_time
-        if difference > timedelta(seconds=job.misfire_grace_time):
-            run_logger.warning('Run time of job "%s" was missed by %s', job, difference)
-            claim = observer.claim(
-                info,
-                run_time,
-                DjangoJobExecution.MISSED,
-                exception=f"Run time of job '{job.id}' was missed by {difference}",
-            )
-            if claim in (Claim.CLAIMED, Claim.ERROR):
-                if claim is Claim.ERROR:  # keep the record: written when the DB is back
-                    observer.history.record_skip(
-                        job.id,
-                        run_time,
-                        DjangoJobExecution.MISSED,
-                        f"Run time of job '{job.id}' was missed by {difference}",
-                    )
-                observer.record(RunRecord(info, run_time, Outcome.MISSED), history=False)
-                return [JobExecutionEvent(EVENT_JOB_MISSED, job.id, jobstore_alias, run_time)]
+    if pre is None:
+        pre = _claim_one(observer, job, info, run_time, run_logger, trigger_source)
+    claim = pre.result
+    if pre.status == DjangoJobExecution.MISSED:
+        if claim is Claim.ERROR and not pre.replay:  # keep the record: written later
+            observer.history.record_skip(job.id, run_time, DjangoJobExecution.MISSED, pre.message)
+        elif claim is not Claim.CLAIMED:  # someone else's, fenced, or replayed later
             return []
+        observer.record(RunRecord(info, run_time, Outcome.MISSED), history=False)
+        return [JobExecutionEvent(EVENT_JOB_MISSED, job.id, jobstore_alias, run_time)]
 
-    started_wall = datetime.now(timezone.utc)
-    claim = observer.claim(
-        info, run_time, DjangoJobExecution.SENT, started=started_wall, trigger_source=trigger_source
-    )
     if claim is not Claim.CLAIMED:
-        if claim is Claim.ERROR:
-            # Not claimed, so not run (at most once). The job store did not advance the
-            # stored next run either if the DB is down, so the fire time is replayed when it
-            # returns; if it is not replayed, this row says why.
+        if claim is Claim.ERROR and not pre.replay:
+            # Not claimed, so not run (at most once), and the job store advanced the job:
+            # this row says why the fire time did not run.
             observer.history.record_skip(
                 job.id,
                 run_time,
@@ -260,14 +338,26 @@ def _run_one(
             run_logger.info('Skipping job "%s" at %s: %s', job, run_time, claim.value)
         return []
 
-    lease = observer.lease if observer.is_fenced_store(info.jobstore) else None
+    fence = pre.fence
+    if (
+        job.misfire_grace_time is not None
+        and trigger_source is TriggerSource.SCHEDULE
+        and datetime.now(timezone.utc) - run_time > timedelta(seconds=job.misfire_grace_time)
+    ):
+        # Claimed in time but it waited in the pool past its grace time: APScheduler's rule
+        # says missed. The claimed row becomes "missed" (matched by our owner).
+        difference = datetime.now(timezone.utc) - run_time
+        run_logger.warning('Run time of job "%s" was missed by %s', job, difference)
+        observer.record(RunRecord(info, run_time, Outcome.MISSED, owner=fence[0] if fence else ""))
+        return [JobExecutionEvent(EVENT_JOB_MISSED, job.id, jobstore_alias, run_time)]
+
     record = RunRecord(
         info,
         run_time,
         Outcome.SUCCESS,
         # The claim wrote our identity as owner; the final UPDATE matches on it.
-        owner=lease.identity if lease is not None else "",
-        epoch=lease.epoch if lease is not None else None,
+        owner=fence[0] if fence is not None else "",
+        epoch=fence[1] if fence is not None else None,
         trigger_source=trigger_source,
         coalesced=coalesced,
     )
@@ -337,6 +427,10 @@ class ObservedExecutorMixin:
             self._submit(job, run_times, lambda: _heartbeat(job, run_times))
             return
         coalesced = count_coalesced(job, run_times)
+        # In this (the scheduler's) thread, before APScheduler's update_job advances the job.
+        claims = claim_fire_times(
+            self.observer, job, job._jobstore_alias, run_times, self._logger.name
+        )
         self._submit(
             job,
             run_times,
@@ -347,6 +441,7 @@ class ObservedExecutorMixin:
                 run_times,
                 self._logger.name,
                 coalesced=coalesced,
+                claims=claims,
             ),
         )
 

@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from apscheduler import events
+from apscheduler.events import JobExecutionEvent, JobSubmissionEvent
 from apscheduler.job import Job
 from apscheduler.jobstores.base import BaseJobStore, ConflictingIdError, JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
@@ -34,7 +35,7 @@ from django.db.models import Exists, F
 
 from django_apscheduler_obs import signing
 from django_apscheduler_obs.conf import conf
-from django_apscheduler_obs.lease import Lease, bump_change_counter
+from django_apscheduler_obs.lease import Lease, bump_change_counter, freeze_point
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
 from django_apscheduler_obs.util import (
     DbNow,
@@ -52,18 +53,170 @@ _loop = threading.local()
 @contextlib.contextmanager
 def scheduler_loop() -> Iterator[None]:
     """Marks the scheduler's own pass over due jobs: its writes are the fenced kind."""
+    previous = getattr(_loop, "active", False)
     _loop.active = True
     try:
         yield
     finally:
-        _loop.active = False
+        _loop.active = previous
 
 
 def in_scheduler_loop() -> bool:
     return getattr(_loop, "active", False)
 
 
-class DjangoJobStore(BaseJobStore):
+def request_replay(job_id: str) -> bool:
+    """Ask the job store not to advance ``job_id`` in this pass (its claim failed on a
+    database error), so the same fire time is due again on a later pass. True if honoured:
+    only the scheduler loop's own writes can be held back."""
+    if not in_scheduler_loop():
+        return False
+    replays = getattr(_loop, "replays", None)
+    if replays is None:
+        replays = _loop.replays = set()
+    replays.add(job_id)
+    return True
+
+
+def _replay_requested(job_id: str) -> bool:
+    return job_id in (getattr(_loop, "replays", None) or ())
+
+
+def guard_scheduler_loop(scheduler: BaseScheduler) -> None:
+    """Make any scheduler's loop survive job store errors, as ``ObservedScheduler`` does.
+
+    APScheduler catches errors of ``get_due_jobs`` only; an exception from ``update_job`` or
+    ``remove_job`` in ``_process_jobs`` ends the scheduler thread for good (django-apscheduler
+    0.7 loses its scheduler to ``database is locked`` this way). A scheduler built the 0.7 way
+    (``BlockingScheduler`` + ``DjangoJobStore()``) gets the same protection: its pass runs as
+    the scheduler loop (writes never raise) and anything else is logged and retried.
+    """
+    if getattr(scheduler, "_django_apscheduler_obs_guarded", False):
+        return
+    scheduler._django_apscheduler_obs_guarded = True
+    process_jobs = scheduler._process_jobs
+
+    def guarded_process_jobs() -> float | None:
+        with scheduler_loop():
+            try:
+                return process_jobs()
+            except Exception:
+                retry = float(getattr(scheduler, "jobstore_retry_interval", 10))
+                logger.exception("Error in the scheduler loop; retrying in %ss", retry)
+                reset_connection()
+                return retry
+            finally:
+                # Like the end of a request: honours CONN_MAX_AGE, drops a broken connection.
+                db.close_old_connections()
+
+    scheduler._process_jobs = guarded_process_jobs
+
+
+class DjangoResultStoreMixin:
+    """Records executions of schedulers that run jobs through stock executors (0.7 API).
+
+    django-apscheduler 0.7 wrote the history from events in this mixin; it is kept for code
+    that subclasses or calls it. With the observed executors (``runapscheduler``,
+    ``build_scheduler``) the executor writes the rows itself, with true timings, and these
+    listeners are not registered.
+    """
+
+    lock: Any = None
+
+    def start(self, scheduler: BaseScheduler, alias: str) -> None:
+        super().start(scheduler, alias)  # type: ignore[misc]
+        guard_scheduler_loop(scheduler)
+        DjangoResultStoreMixin.lock = scheduler._create_lock()
+        from django_apscheduler_obs.executors import ObservedExecutorMixin
+
+        executors = scheduler._executors.values()
+        if not all(isinstance(e, ObservedExecutorMixin) for e in executors):
+            # A scheduler built the 0.7 way (stock executors): keep 0.7's history listeners.
+            self.register_event_listeners()
+
+    @classmethod
+    def _record(cls, event: Any, run_time: datetime, *args: Any) -> int | None:
+        from django_apscheduler_obs.sinks.history import legacy_update_or_create
+
+        try:
+            with cls.lock if cls.lock is not None else contextlib.nullcontext():
+                return legacy_update_or_create(event.job_id, run_time, *args).id
+        except DatabaseError:
+            logger.warning("Could not record an execution of job %r", event.job_id, exc_info=True)
+            reset_connection()
+            return None
+        finally:
+            # Events arrive on executor threads, which never close their connections.
+            db.close_old_connections()
+
+    @classmethod
+    def handle_submission_event(cls, event: JobSubmissionEvent) -> int | None:
+        """SUBMITTED creates the row; MAX_INSTANCES records the skipped fire time."""
+        if event.code == events.EVENT_JOB_SUBMITTED:
+            return cls._record(event, event.scheduled_run_times[0], DjangoJobExecution.SENT)
+        if event.code == events.EVENT_JOB_MAX_INSTANCES:
+            msg = (
+                f"Execution of job '{event.job_id}' skipped: maximum number of running "
+                "instances reached!"
+            )
+            return cls._record(
+                event, event.scheduled_run_times[0], DjangoJobExecution.MAX_INSTANCES, msg
+            )
+        raise NotImplementedError(f"Don't know how to handle JobSubmissionEvent '{event.code}'.")
+
+    @classmethod
+    def handle_execution_event(cls, event: JobExecutionEvent) -> int | None:
+        if event.code != events.EVENT_JOB_EXECUTED:
+            raise NotImplementedError(
+                f"Don't know how to handle JobExecutionEvent '{event.code}'. Expected "
+                f"'{events.EVENT_JOB_EXECUTED}'."
+            )
+        return cls._record(event, event.scheduled_run_time, DjangoJobExecution.SUCCESS)
+
+    @classmethod
+    def handle_error_event(cls, event: JobExecutionEvent) -> int | None:
+        if event.code == events.EVENT_JOB_ERROR:
+            if event.exception:
+                text = str(event.exception) or type(event.exception).__name__
+                exception, tb = _truncate(text), str(event.traceback)
+            else:
+                exception, tb = f"Job '{event.job_id}' raised an error!", None
+            return cls._record(
+                event, event.scheduled_run_time, DjangoJobExecution.ERROR, exception, tb
+            )
+        if event.code == events.EVENT_JOB_MISSED:
+            return cls._record(
+                event,
+                event.scheduled_run_time,
+                DjangoJobExecution.MISSED,
+                f"Run time of job '{event.job_id}' was missed!",
+            )
+        raise NotImplementedError(f"Don't know how to handle JobExecutionEvent '{event.code}'.")
+
+    def register_event_listeners(self) -> None:
+        scheduler = self._scheduler  # type: ignore[attr-defined]
+        if getattr(scheduler, "_django_apscheduler_obs_listeners", False):
+            return  # two Django stores on one scheduler: one set of listeners
+        scheduler._django_apscheduler_obs_listeners = True
+        scheduler.add_listener(
+            self.handle_submission_event,
+            events.EVENT_JOB_SUBMITTED | events.EVENT_JOB_MAX_INSTANCES,
+        )
+        scheduler.add_listener(self.handle_execution_event, events.EVENT_JOB_EXECUTED)
+        scheduler.add_listener(
+            self.handle_error_event, events.EVENT_JOB_ERROR | events.EVENT_JOB_MISSED
+        )
+
+
+def _truncate(text: str) -> str:
+    from django_apscheduler_obs.runs import EXCEPTION_MAX_LENGTH
+
+    if len(text) > EXCEPTION_MAX_LENGTH:
+        text = text[: EXCEPTION_MAX_LENGTH - 1] + "…"
+    return text
+
+
+class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
     """Stores jobs in the Django database.
 
     :param pickle_protocol: pickle protocol level used to serialize job state
@@ -81,15 +234,6 @@ class DjangoJobStore(BaseJobStore):
         self._versions: dict[str, int] = {}
         self._restore_logged: set[str] = set()
 
-    def start(self, scheduler: BaseScheduler, alias: str) -> None:
-        super().start(scheduler, alias)
-        from django_apscheduler_obs.executors import ObservedExecutorMixin
-
-        executors = scheduler._executors.values()
-        if not all(isinstance(e, ObservedExecutorMixin) for e in executors):
-            # A scheduler built the 0.7 way (stock executors): keep 0.7's history listeners.
-            register_history_listeners(scheduler)
-
     # -- reads ----------------------------------------------------------------------------
 
     def _leading(self) -> bool:
@@ -103,6 +247,7 @@ class DjangoJobStore(BaseJobStore):
         return self._restore(job_id, bytes(row))
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
+        _loop.replays = set()  # a new pass over this store
         if not self._leading():
             return []
         return self._get_jobs(next_run_time__lte=get_django_internal_datetime(now))
@@ -122,6 +267,10 @@ class DjangoJobStore(BaseJobStore):
             reset_connection()
             return self._now() + timedelta(seconds=1)
         next_run = get_apscheduler_datetime(value, self._scheduler) if value else None
+        if next_run is not None and getattr(_loop, "replays", None):
+            # A claim just failed on a database error and its fire time is still due: retry
+            # in a second, not in a busy loop.
+            next_run = max(next_run, self._now() + timedelta(seconds=1))
         if self.lease is not None:
             # Jobs edited by other processes are seen at least this often (change poll aside).
             cap = self._now() + timedelta(seconds=conf.MAX_SLEEP)
@@ -171,6 +320,9 @@ class DjangoJobStore(BaseJobStore):
 
         0 rows means we lost the lease or someone edited the job meanwhile (their edit wins).
         """
+        if _replay_requested(job.id):
+            logger.warning("Job %r not advanced: its claim failed; it is retried", job.id)
+            return
         qs = DjangoJob.objects.filter(id=job.id)
         version = self._versions.get(job.id)
         if version is not None:
@@ -180,6 +332,7 @@ class DjangoJobStore(BaseJobStore):
             if fence is None:
                 self._stale()
                 return
+            freeze_point("update")  # TEST-ONLY hook: off unless APSCHEDULER_TEST_HOOKS
             qs = qs.filter(Exists(self._fence_qs(*fence)))
         try:
             n = qs.update(
@@ -203,6 +356,8 @@ class DjangoJobStore(BaseJobStore):
 
     def remove_job(self, job_id: str) -> None:
         if in_scheduler_loop():
+            if _replay_requested(job_id):  # its last fire time is not claimed yet
+                return
             # A one-off job after its last run. Fenced like an update.
             qs = DjangoJob.objects.filter(id=job_id)
             if self.lease is not None:
@@ -308,76 +463,8 @@ class DjangoJobStore(BaseJobStore):
         return f"<{self.__class__.__name__}(pickle_protocol={self.pickle_protocol})>"
 
 
-class DjangoMemoryJobStore(MemoryJobStore):
+class DjangoMemoryJobStore(DjangoResultStoreMixin, MemoryJobStore):
     """A ``MemoryJobStore`` whose runs are recorded in the Django database (0.7 API)."""
-
-    def start(self, scheduler: BaseScheduler, alias: str) -> None:
-        super().start(scheduler, alias)
-        from django_apscheduler_obs.executors import ObservedExecutorMixin
-
-        executors = scheduler._executors.values()
-        if not all(isinstance(e, ObservedExecutorMixin) for e in executors):
-            register_history_listeners(scheduler)
-
-
-# -- 0.7's event listeners, for schedulers whose executors are not observed --------------
-
-
-def register_history_listeners(scheduler: BaseScheduler) -> None:
-    """Record executions from events (0.7 semantics: duration counts from the fire time)."""
-    if getattr(scheduler, "_django_apscheduler_obs_listeners", False):
-        return
-    scheduler._django_apscheduler_obs_listeners = True
-    from django_apscheduler_obs.sinks.history import legacy_update_or_create
-
-    lock = scheduler._create_lock()
-
-    def on_event(event: Any) -> None:
-        code = event.code
-        if code == events.EVENT_JOB_SUBMITTED:
-            args: tuple[Any, ...] = (DjangoJobExecution.SENT, None, None)
-            run_time = event.scheduled_run_times[0]
-        elif code == events.EVENT_JOB_MAX_INSTANCES:
-            msg = (
-                f"Execution of job '{event.job_id}' skipped: maximum number of running "
-                "instances reached!"
-            )
-            args, run_time = (
-                (DjangoJobExecution.MAX_INSTANCES, msg, None),
-                event.scheduled_run_times[0],
-            )
-        elif code == events.EVENT_JOB_EXECUTED:
-            args, run_time = (DjangoJobExecution.SUCCESS, None, None), event.scheduled_run_time
-        elif code == events.EVENT_JOB_ERROR:
-            exc = (
-                str(event.exception)
-                if event.exception
-                else f"Job '{event.job_id}' raised an error!"
-            )
-            args = (
-                DjangoJobExecution.ERROR,
-                exc[:1000],
-                str(event.traceback) if event.exception else None,
-            )
-            run_time = event.scheduled_run_time
-        else:  # EVENT_JOB_MISSED
-            msg = f"Run time of job '{event.job_id}' was missed!"
-            args, run_time = (DjangoJobExecution.MISSED, msg, None), event.scheduled_run_time
-        try:
-            with lock:
-                legacy_update_or_create(event.job_id, run_time, *args)
-        except DatabaseError:
-            logger.warning("Could not record an execution of job %r", event.job_id, exc_info=True)
-            reset_connection()
-
-    scheduler.add_listener(
-        on_event,
-        events.EVENT_JOB_SUBMITTED
-        | events.EVENT_JOB_MAX_INSTANCES
-        | events.EVENT_JOB_EXECUTED
-        | events.EVENT_JOB_ERROR
-        | events.EVENT_JOB_MISSED,
-    )
 
 
 def register_events(scheduler: BaseScheduler, result_storage: Any = None) -> None:

@@ -131,6 +131,10 @@ class JobRegistry:
             ) from exc
         job_id = job_id or ref.replace(":", ".")
         options = {k: trigger_and_options.pop(k) for k in JOB_OPTIONS if k in trigger_and_options}
+        if isinstance(trigger, str) and "timezone" not in trigger_and_options:
+            # As ``scheduler.add_job("cron", hour=3)`` does: the scheduler's time zone, not
+            # the host's (a cron job at 03:00 means 03:00 in APSCHEDULER_TIMEZONE).
+            trigger_and_options["timezone"] = conf.TIMEZONE
         try:
             trigger_obj = _make_trigger(trigger, dict(trigger_and_options))
         except (ValueError, TypeError, LookupError) as exc:
@@ -255,17 +259,43 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
         "removed": [],
     }
     declared = {spec.id for spec in registry}
+    rows = {
+        job_id: (digest, next_run_time, restore_error)
+        for job_id, digest, next_run_time, restore_error in DjangoJob.objects.values_list(
+            "id", "definition_hash", "next_run_time", "restore_error"
+        )
+    }
+    stored = {job_id: row[0] for job_id, row in rows.items()}
     # A new deploy may have fixed what made a declared job unrestorable: try again.
     DjangoJob.objects.filter(id__in=declared).exclude(restore_error="").update(restore_error="")
-    stored = dict(DjangoJob.objects.values_list("id", "definition_hash"))
     for spec in registry:
         digest = spec.definition_hash()
         old = stored.get(spec.id)
-        if old == digest:
+        # Still unrestorable (corrupt, signed with a lost key...): rewrite it from its
+        # declaration, keeping its place in the schedule.
+        broken = (
+            old is not None
+            and (old != digest or bool(rows[spec.id][2]))
+            and scheduler.get_job(spec.id, jobstore) is None
+        )
+        if old == digest and not broken:
             report["unchanged"].append(spec.id)
             continue
         common: dict[str, Any] = {"args": spec.args, "kwargs": spec.kwargs, **spec.options}
-        if old is None:
+        if broken and old is not None and old[:32] == digest[:32]:
+            next_run_time = rows[spec.id][1]
+            if next_run_time is not None and next_run_time.tzinfo is None:
+                next_run_time = next_run_time.replace(tzinfo=scheduler.timezone)
+            scheduler.add_job(
+                spec.func,
+                spec.trigger,
+                id=spec.id,
+                jobstore=jobstore,
+                replace_existing=True,
+                **{"next_run_time": next_run_time, **common},
+            )
+            report["updated"].append(spec.id)
+        elif old is None:
             scheduler.add_job(
                 spec.func,
                 spec.trigger,
@@ -276,8 +306,7 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
             )
             report["added"].append(spec.id)
         else:
-            existing = scheduler.get_job(spec.id, jobstore)
-            same_trigger = existing is not None and old[:32] == digest[:32]
+            same_trigger = not broken and old[:32] == digest[:32]
             if same_trigger:
                 scheduler.modify_job(spec.id, jobstore, func=spec.func, **common)
                 report["updated"].append(spec.id)

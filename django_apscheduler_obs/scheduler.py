@@ -23,7 +23,7 @@ from django.db.models import Max
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from django_apscheduler_obs import cleanup, listeners
+from django_apscheduler_obs import cleanup, listeners, runnow
 from django_apscheduler_obs.collectors import JobCatalog, SchedulerCollector
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.executors import (
@@ -32,7 +32,7 @@ from django_apscheduler_obs.executors import (
     RunObserver,
 )
 from django_apscheduler_obs.jobstores import DjangoJobStore, scheduler_loop
-from django_apscheduler_obs.lease import Lease, LeaseKeeper
+from django_apscheduler_obs.lease import Lease, LeaseKeeper, unsafe_no_claim
 from django_apscheduler_obs.models import DjangoJobExecution
 from django_apscheduler_obs.registry import registry as job_registry
 from django_apscheduler_obs.registry import sync_jobs
@@ -148,6 +148,7 @@ class SchedulerRuntime:
         if lease:
             self.keeper.start()
         self.scheduler.resume()
+        runnow.start_poller(self)  # issue 6: run-now requests from the admin (acts while leading)
 
     def _register_builtin_jobs(self) -> None:
         if conf.EXECUTION_RETENTION is not None:
@@ -193,9 +194,17 @@ class SchedulerRuntime:
         if self._stopped.is_set():
             return 0
         self._stopped.set()
+        runnow.stop_poller(self)  # issue 6: take no more run-now requests
         timeout = conf.SHUTDOWN_TIMEOUT if timeout is None else timeout
         if self.scheduler.state == STATE_RUNNING:
             self.scheduler.pause()
+        # A pass already under way has claimed fire times: let it hand them to the executor
+        # before the executor is shut down (issue 5: no claimed run left behind by a SIGTERM).
+        with self.scheduler._jobstores_lock:
+            pass
+        # Release the lease now (a standby takes over within its poll, not after our runs);
+        # our instance row stays fresh, so the new leader leaves our running runs alone.
+        self.keeper.retire()
         deadline = time.monotonic() + timeout
         while self.observer.oldest_running() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -239,7 +248,9 @@ def build_scheduler(
     metrics = SchedulerMetrics(registry, process=process_metrics)
     history = HistorySink(metrics)
     lease = Lease(group, ttl=lease_ttl, renew_interval=renew_interval)
-    jobstore = DjangoJobStore(lease=lease)
+    if unsafe_no_claim():  # TEST-ONLY negative control (needs APSCHEDULER_TEST_HOOKS)
+        logger.error("DAO_UNSAFE_NO_CLAIM: every process runs every job, without claims")
+    jobstore = DjangoJobStore(lease=None if unsafe_no_claim() else lease)
     jobstore.on_stale_write = metrics.stale_writes.labels(lease.group).inc
     observer = RunObserver(
         history=history,
@@ -259,7 +270,11 @@ def build_scheduler(
     )
     catalog = JobCatalog()
 
+    runtime_ref: list[SchedulerRuntime] = []
+
     def on_gain(lease: Lease, abandoned: int) -> None:
+        if runtime_ref:  # a standby's last outcomes may be stale: re-read the history
+            runtime_ref[0]._seed_metrics()
         metrics.acquisitions.labels(lease.group).inc()
         metrics.epoch.labels(lease.group).set(lease.epoch or 0)
         metrics.leader.labels(lease.group).set(1)
@@ -287,6 +302,7 @@ def build_scheduler(
         on_loss=on_loss,
         on_renew=on_renew,
         on_change=on_change,
+        on_abandoned=metrics.abandoned.labels(lease.group).inc,
         standby_poll=standby_poll,
         change_poll=change_poll,
         change_polling=change_polling,
@@ -298,6 +314,7 @@ def build_scheduler(
     metrics.stale_writes.labels(g)
     metrics.abandoned.labels(g)
     metrics.changes.labels(g)
+    metrics.failover.labels(g)
     for result in ("claimed", "conflict", "fenced", "error"):
         metrics.claims.labels(g, result)
     for reason in ("expired", "taken_over", "db_error", "released"):
@@ -324,6 +341,7 @@ def build_scheduler(
             metrics.remove_job(job_id)
 
     catalog.on_change = on_catalog_change
+    runtime_ref.append(runtime)
     metrics.registry.register(SchedulerCollector(runtime))
     listeners.register(runtime)
     return runtime

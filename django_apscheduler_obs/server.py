@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
+from apscheduler.schedulers.base import STATE_STOPPED
 from django import db
 from prometheus_client import make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
@@ -45,6 +46,27 @@ def database_ready() -> tuple[bool, str]:
             cursor.fetchone()
         return True, "ok"
     except Exception as exc:  # any driver error means "not ready"
+        return False, f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            conn.close()
+
+
+def database_writable() -> tuple[bool, str]:
+    """An INSERT in a transaction that is rolled back: refused by a read-only database (a
+    read-only SQLite file, a replica) as well as by one that is down. Nothing is kept."""
+    from django.db import transaction
+
+    from django_apscheduler_obs.models import JobStoreVersion
+
+    conn = db.connections["default"]
+    try:
+        conn.close_if_unusable_or_obsolete()
+        with transaction.atomic():
+            JobStoreVersion.objects.create(name="django_apscheduler_obs.write-probe", version=0)
+            transaction.set_rollback(True)
+        return True, "ok"
+    except Exception as exc:  # any driver error means "not writable"
         return False, f"{type(exc).__name__}: {exc}"
     finally:
         with contextlib.suppress(Exception):
@@ -92,8 +114,13 @@ def make_app(
             ok, body = runtime.health()
             return json_response(start_response, ok, body)
         if path == "/readyz":
+            # Ready: the database answers and the scheduler was started (runapscheduler waits
+            # for a writable database before starting it).
             ok, detail = database_ready()
-            return json_response(start_response, ok, {"database": detail})
+            started = runtime.scheduler.state != STATE_STOPPED
+            return json_response(
+                start_response, ok and started, {"database": detail, "started": started}
+            )
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"Not found. Try /metrics, /healthz or /readyz.\n"]
 

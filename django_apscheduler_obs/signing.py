@@ -8,10 +8,11 @@ before ``pickle.loads`` ever sees it. ``SECRET_KEY_FALLBACKS`` lets keys rotate.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import hmac
 
 from django.conf import settings
-from django.utils.crypto import salted_hmac
 
 from django_apscheduler_obs.conf import conf
 
@@ -24,8 +25,17 @@ class BadSignature(Exception):
     """The stored job state is unsigned or its signature does not match any known key."""
 
 
+@functools.lru_cache(maxsize=8)
+def _key(secret: str | bytes) -> bytes:
+    """The key ``salted_hmac`` derives from (salt, secret); derived once, not per job."""
+    return hashlib.sha256(
+        (_SALT + (secret.decode() if isinstance(secret, bytes) else secret)).encode()
+    ).digest()
+
+
 def _signature(payload: bytes, secret: str | bytes) -> bytes:
-    return salted_hmac(_SALT, payload, secret=secret, algorithm="sha256").hexdigest().encode()
+    # Same value as django.utils.crypto.salted_hmac(_SALT, payload, secret, "sha256").
+    return hmac.new(_key(secret), payload, hashlib.sha256).hexdigest().encode()
 
 
 def sign(payload: bytes) -> bytes:

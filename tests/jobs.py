@@ -50,3 +50,33 @@ def logs_a_line() -> None:
     import logging
 
     logging.getLogger("tests.jobs").warning("hello from the job")
+
+
+# -- fault injection (tests/test_faults.py, tests/test_fault_processes.py) --------------------
+
+
+def hold(path: str, timeout: float = 90.0) -> None:
+    """A long run that the test ends at will: returns once the file ``path`` exists (bounded,
+    so a failing test cannot keep a worker forever)."""
+    import os
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+leaked = threading.Event()
+
+
+def leak_thread(seconds: float = 120.0) -> None:
+    """Returns at once but leaves a non-daemon thread behind, as a careless job does."""
+    threading.Thread(target=leaked.wait, args=(seconds,), name="leaked-by-job").start()
+
+
+def fail_with_secret_args(*args: object, **kwargs: object) -> None:
+    """Fails on every run; its arguments may be secrets and its message does not quote them."""
+    raise ConnectionRefusedError("the payment service refused the connection")
+
+
+def accept_anything(*args: object, **kwargs: object) -> None:
+    """Takes any arguments (property tests declare jobs with random ones)."""

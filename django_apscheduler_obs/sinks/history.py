@@ -17,7 +17,15 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from django.db import DatabaseError, IntegrityError, connections, router
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    router,
+    transaction,
+)
 from django.utils import timezone
 
 from django_apscheduler_obs.conf import conf
@@ -40,6 +48,19 @@ class Claim(str, enum.Enum):
 
 def _db_alias() -> str:
     return router.db_for_write(DjangoJobExecution)
+
+
+# MySQL/MariaDB report bad *data* as OperationalError: wrong string value (1366), out of
+# range (1264), bad datetime (1292), too long (1406). Retrying them would never succeed.
+_MYSQL_DATA_ERRORS = {1264, 1292, 1366, 1406}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that a retry on a new connection may cure (server down, locked)."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    code = exc.args[0] if exc.args else None
+    return not (isinstance(code, int) and code in _MYSQL_DATA_ERRORS)
 
 
 def _ts(dt: datetime | None) -> Decimal | None:
@@ -103,8 +124,11 @@ class HistorySink:
             get_django_internal_datetime(started or timezone.now())
         )
         col_sql = ", ".join(qn(ex.get_field(c).column) for c in cols)  # type: ignore[union-attr,arg-type]
+        # Autocommit on the hot path; a savepoint only if a caller's transaction is open, so
+        # a conflict does not abort it.
+        savepoint = transaction.atomic(using=alias) if conn.in_atomic_block else None
         try:
-            with conn.cursor() as cursor:
+            with savepoint or contextlib.nullcontext(), conn.cursor() as cursor:
                 if fence is None:
                     cursor.execute(
                         f"INSERT INTO {qn(ex.db_table)} ({col_sql}) "
@@ -171,9 +195,17 @@ class HistorySink:
         job_id, run_time, owner = record.job.id, record.run_time, record.owner
 
         def write() -> None:
-            DjangoJobExecution.objects.filter(
-                job_id=job_id, run_time=get_django_internal_datetime(run_time), owner=owner
-            ).update(**values)
+            rt = get_django_internal_datetime(run_time)
+            n = DjangoJobExecution.objects.filter(job_id=job_id, run_time=rt, owner=owner).update(
+                **values
+            )
+            if n == 0:
+                # The claimed row is gone (pruned meanwhile, or its INSERT was lost in a
+                # server crash): write the whole row, unless someone else owns it now.
+                with contextlib.suppress(IntegrityError), transaction.atomic(using=_db_alias()):
+                    DjangoJobExecution.objects.create(
+                        job_id=job_id, run_time=rt, owner=owner, epoch=record.epoch, **values
+                    )
 
         self._write("finish", write)
 
@@ -182,7 +214,7 @@ class HistorySink:
 
         def write() -> None:
             # IntegrityError: already recorded (claimed, or a replay): keep that row.
-            with contextlib.suppress(IntegrityError):
+            with contextlib.suppress(IntegrityError), transaction.atomic(using=_db_alias()):
                 DjangoJobExecution.objects.create(
                     job_id=job_id,
                     run_time=get_django_internal_datetime(run_time),
@@ -201,12 +233,15 @@ class HistorySink:
             return
         try:
             write()
-        except DatabaseError:
+        except DatabaseError as exc:
+            reset_connection(_db_alias())
+            self._count_error(operation)
+            if not is_transient(exc):
+                logger.exception("Could not write execution history (%s); not retried", operation)
+                return
             logger.warning(
                 "Could not write execution history (%s); buffering it", operation, exc_info=True
             )
-            reset_connection(_db_alias())
-            self._count_error(operation)
             self._enqueue(operation, write)
 
     def _enqueue(self, operation: str, write: Callable[[], None]) -> None:
@@ -223,7 +258,9 @@ class HistorySink:
             self._pending.append((operation, write))
             if self.metrics:
                 self.metrics.history_pending(len(self._pending))
-            if self._flusher is None or not self._flusher.is_alive():
+            # The flusher clears ``_flusher`` under this lock when it leaves, so an entry
+            # appended while it exits is never stranded without one.
+            if self._flusher is None:
                 self._flusher = threading.Thread(
                     target=self._flush_loop, name="apscheduler-history-flush", daemon=True
                 )
@@ -242,9 +279,13 @@ class HistorySink:
                 operation, write = self._pending[0]
             try:
                 write()
-            except DatabaseError:
-                reset_connection(_db_alias())
-                return False
+            except Exception as exc:
+                if isinstance(exc, DatabaseError):
+                    reset_connection(_db_alias())
+                if is_transient(exc):
+                    return False
+                # A poison entry must not block every write behind it.
+                logger.exception("Dropped a buffered execution history write (%s)", operation)
             with self._lock:
                 if self._pending and self._pending[0][1] is write:
                     self._pending.popleft()
@@ -253,13 +294,23 @@ class HistorySink:
 
     def _flush_loop(self) -> None:
         delay = 0.5
-        while not self._stopped:
-            if self.flush():
-                logger.info("Execution history buffer written to the database")
-                return
-            self._wake.wait(delay)
-            self._wake.clear()
-            delay = min(delay * 2, 5.0)
+        try:
+            while True:
+                self.flush()
+                with self._lock:
+                    if not self._pending or self._stopped:
+                        self._flusher = None
+                        if not self._pending:
+                            logger.info("Execution history buffer written to the database")
+                        return
+                self._wake.wait(delay)
+                self._wake.clear()
+                delay = min(delay * 2, 5.0)
+        finally:
+            with self._lock:
+                if self._flusher is threading.current_thread():
+                    self._flusher = None
+            connections[_db_alias()].close()  # this thread's own connection
 
     def close(self, timeout: float = 5.0) -> None:
         """On shutdown: one last attempt; what cannot be written is logged, not dropped."""
@@ -297,15 +348,16 @@ def legacy_update_or_create(
     except DjangoJobExecution.DoesNotExist:
         final = status != DjangoJobExecution.SENT
         try:
-            return DjangoJobExecution.objects.create(
-                job_id=job_id,
-                run_time=run_time,
-                status=status,
-                finished=_ts(now) if final else None,
-                duration=_dec((now - run_time).total_seconds()) if final else None,
-                exception=exception,
-                traceback=traceback,
-            )
+            with transaction.atomic():
+                return DjangoJobExecution.objects.create(
+                    job_id=job_id,
+                    run_time=run_time,
+                    status=status,
+                    finished=_ts(now) if final else None,
+                    duration=_dec((now - run_time).total_seconds()) if final else None,
+                    exception=exception,
+                    traceback=traceback,
+                )
         except IntegrityError:
             execution = DjangoJobExecution.objects.get(job_id=job_id, run_time=run_time)
     if status == DjangoJobExecution.SENT:

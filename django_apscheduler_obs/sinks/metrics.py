@@ -168,6 +168,7 @@ class SchedulerMetrics:
 
         self._lock = threading.Lock()
         self._jobs: dict[str, str] = {}  # job id -> label value (itself or _other)
+        self._own_labels = 0  # how many jobs have a series of their own
         self._error_types: dict[str, set[str]] = {}
 
     # -- label bookkeeping -------------------------------------------------------------------
@@ -177,8 +178,8 @@ class SchedulerMetrics:
         with self._lock:
             value = self._jobs.get(job_id)
             if value is None:
-                own = sum(1 for v in self._jobs.values() if v != OTHER_JOB)
-                value = job_id if own < conf.MAX_JOB_SERIES else OTHER_JOB
+                value = job_id if self._own_labels < conf.MAX_JOB_SERIES else OTHER_JOB
+                self._own_labels += value != OTHER_JOB
                 self._jobs[job_id] = value
             return value
 
@@ -212,6 +213,7 @@ class SchedulerMetrics:
             label = self._jobs.pop(job_id, None)
             if label is None or label == OTHER_JOB:
                 return
+            self._own_labels -= 1
             error_types = self._error_types.pop(label, set())
         for metric in (
             self.last_duration,

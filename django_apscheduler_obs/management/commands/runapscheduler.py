@@ -51,8 +51,11 @@ class Command(BaseCommand):
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
         parser = super().create_parser(prog_name, subcommand, **kwargs)
+        error = parser.error
 
         def one_line_error(message: str) -> None:
+            if not parser.called_from_command_line:
+                error(message)  # raises CommandError for call_command()
             sys.stderr.write(f"{subcommand}: error: {message}\n")
             sys.exit(2)
 
@@ -98,6 +101,25 @@ class Command(BaseCommand):
             type=float,
             help="seconds to wait for running jobs on SIGTERM/SIGINT",
         )
+
+    def check(self, *args: Any, **kwargs: Any) -> None:
+        """Django's checks, but a failure is one line per problem: ``id: message``."""
+        from django.core import checks
+        from django.core.management.base import SystemCheckError
+
+        try:
+            super().check(*args, **kwargs)
+        except SystemCheckError:
+            issues = checks.run_checks(
+                app_configs=kwargs.get("app_configs"),
+                tags=kwargs.get("tags"),
+                include_deployment_checks=kwargs.get("include_deployment_checks", False),
+                databases=kwargs.get("databases"),
+            )
+            serious = [i for i in issues if i.level >= checks.ERROR and not i.is_silenced()]
+            raise CommandError(
+                "system check failed: " + "; ".join(f"{i.id}: {i.msg}" for i in serious)
+            ) from None
 
     def handle(self, *args: Any, **options: Any) -> None:
         if os.environ.get("RUN_MAIN") == "true":
@@ -156,6 +178,8 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
+        if not self._wait_for_database(stop, server.database_writable):
+            return  # stopped while waiting
         runtime.start()
         where = f" metrics on {options['metrics_addr']}:{options['metrics_port']}," if httpd else ""
         logger.info(
@@ -185,6 +209,26 @@ class Command(BaseCommand):
             logging.shutdown()
             sys.stdout.flush()
             os._exit(0)
+
+    def _wait_for_database(self, stop: threading.Event, probe: Any) -> bool:
+        """Start on a database that takes writes. A read-only, full or unreachable one is
+        reported in one line per attempt and retried (backoff up to 30 s) while /metrics,
+        /healthz and /readyz (503) answer: exiting would make a supervisor restart us in a
+        loop. False if stopped by a signal meanwhile."""
+        delay = 1.0
+        while not stop.is_set():
+            ok, problem = probe()
+            if ok:
+                return True
+            logger.error(
+                "Cannot start the scheduler: the database does not take writes (%s); "
+                "retrying in %.0fs",
+                problem,
+                delay,
+            )
+            stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+        return False
 
     def _tls(self, options: dict[str, Any]) -> ssl.SSLContext | None:
         certfile, keyfile = options["metrics_certfile"], options["metrics_keyfile"]
