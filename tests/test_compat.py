@@ -548,6 +548,46 @@ def test_stock_executor_max_instances_is_recorded():
     assert "maximum number of running instances reached" in skipped.exception
 
 
+@pytest.mark.django_db(transaction=True)
+def test_mixed_stock_and_observed_executors_each_record_once():
+    """0.7's listeners are on (a stock executor is configured) but must not overwrite the
+    observed executor's rows: pure duration stays pure."""
+    from apscheduler.executors.pool import ThreadPoolExecutor
+
+    from django_apscheduler_obs.executors import ObservedThreadPoolExecutor
+
+    scheduler = BackgroundScheduler(
+        timezone="UTC",
+        executors={"default": ObservedThreadPoolExecutor(2), "stock": ThreadPoolExecutor(2)},
+    )
+    scheduler.add_jobstore(obs_jobstores.DjangoJobStore(), "default")
+    log = EventLog()
+    scheduler.add_listener(log, events.EVENT_ALL)
+    scheduler.start()
+    late = datetime.now(timezone.utc) - timedelta(seconds=3)
+    try:
+        scheduler.add_job(my_job, "date", run_date=late, id="observed", misfire_grace_time=30)
+        scheduler.add_job(
+            my_job, "date", run_date=late, id="stock", executor="stock", misfire_grace_time=30
+        )
+        log.wait(events.EVENT_JOB_EXECUTED, "observed")
+        log.wait(events.EVENT_JOB_EXECUTED, "stock")
+        wait_for(
+            lambda: (
+                DjangoJobExecution.objects.filter(status=DjangoJobExecution.SUCCESS).count() == 2
+            ),
+            message="two final rows",
+        )
+    finally:
+        scheduler.shutdown(wait=True)
+        connection.close()
+    observed = DjangoJobExecution.objects.get(job_id="observed")
+    stock = DjangoJobExecution.objects.get(job_id="stock")
+    assert observed.started is not None and observed.duration < 1  # end - true start
+    assert observed.start_delay >= 3
+    assert stock.started is None and stock.duration >= 3  # 0.7's end - run_time
+
+
 def test_no_warnings_importing_the_package():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -363,6 +363,10 @@ def legacy_update_or_create(
     if status == DjangoJobExecution.SENT:
         # EXECUTED may arrive before SUBMITTED (APScheduler dispatches SUBMITTED after its loop).
         return execution
+    if execution.started is not None:
+        # Claimed by an observed executor (a scheduler mixing observed and stock executors):
+        # it records this run itself, with true timings; do not overwrite them.
+        return execution
     execution.status = status
     execution.finished = _ts(now)
     execution.duration = _dec((now - run_time).total_seconds())
