@@ -299,6 +299,8 @@ class SchedulerCollector(Collector):
         group = rt.lease.group
         rt.metrics.leader.labels(group).set(1.0 if rt.lease.is_leader() else 0.0)
         rt.metrics.remaining.labels(group).set(rt.lease.remaining)
+        if rt.lease.epoch is not None:
+            rt.metrics.epoch.labels(group).set(rt.lease.epoch)
 
 
 class JobStoreCollector(Collector):

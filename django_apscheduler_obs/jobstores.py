@@ -20,6 +20,7 @@ import pickle
 import threading
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -31,7 +32,7 @@ from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.base import BaseScheduler
 from django import db
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import Exists, F
+from django.db.models import Exists, F, Q, Subquery
 
 from django_apscheduler_obs import signing
 from django_apscheduler_obs.conf import conf
@@ -216,6 +217,19 @@ def _truncate(text: str) -> str:
     return text
 
 
+@dataclass
+class _Pass:
+    """What one pass of the scheduler loop learned: the earliest future fire time, and the
+    next run time of each due job (updated as the pass advances it)."""
+
+    future: datetime | None = None
+    due: dict[str, datetime | None] = field(default_factory=dict)
+
+    def next_run_time(self) -> datetime | None:
+        times = [t for t in (self.future, *self.due.values()) if t is not None]
+        return min(times) if times else None
+
+
 class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
     """Stores jobs in the Django database.
 
@@ -232,6 +246,7 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         self.lease = lease
         self.on_stale_write: Callable[[], None] | None = None
         self._versions: dict[str, int] = {}
+        self._pass: _Pass | None = None
         self._restore_logged: set[str] = set()
 
     # -- reads ----------------------------------------------------------------------------
@@ -247,21 +262,49 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         return self._restore(job_id, bytes(row))
 
     def get_due_jobs(self, now: datetime) -> list[Job]:
+        """Due jobs, and in the same statement the rows of the earliest future fire time.
+
+        APScheduler asks ``get_next_run_time()`` right after this pass; the answer is known
+        from this read plus the next run times the pass writes, so the pass costs one read.
+        """
         _loop.replays = set()  # a new pass over this store
+        self._pass = None
         if not self._leading():
             return []
-        return self._get_jobs(next_run_time__lte=get_django_internal_datetime(now))
+        now_db = get_django_internal_datetime(now)
+        earliest_future = (
+            DjangoJob.objects.filter(restore_error="", next_run_time__gt=now_db)
+            .order_by("next_run_time")
+            .values("next_run_time")[:1]
+        )
+        rows = self._rows(Q(next_run_time__lte=now_db) | Q(next_run_time=Subquery(earliest_future)))
+        jobs, pass_ = [], _Pass()
+        for job_id, job_state, version, next_run_time in rows:
+            if next_run_time > now_db:  # not due: only its time is wanted
+                pass_.future = next_run_time
+                continue
+            job = self._restore(job_id, bytes(job_state))
+            if job is not None:
+                self._versions[job_id] = version
+                pass_.due[job_id] = next_run_time
+                jobs.append(job)
+        self._pass = pass_ if in_scheduler_loop() else None
+        return jobs
 
     def get_next_run_time(self) -> datetime | None:
         if not self._leading():
             return None  # a standby sleeps until the lease thread wakes it
+        pass_, self._pass = self._pass, None
         try:
-            value = (
-                DjangoJob.objects.filter(next_run_time__isnull=False, restore_error="")
-                .order_by("next_run_time")
-                .values_list("next_run_time", flat=True)
-                .first()
-            )
+            if pass_ is not None and in_scheduler_loop():
+                value = pass_.next_run_time()
+            else:
+                value = (
+                    DjangoJob.objects.filter(next_run_time__isnull=False, restore_error="")
+                    .order_by("next_run_time")
+                    .values_list("next_run_time", flat=True)
+                    .first()
+                )
         except DatabaseError:
             logger.warning("Could not read the next run time; retrying in 1 s", exc_info=True)
             reset_connection()
@@ -351,8 +394,11 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             return
         if n == 0:
             self._stale()
-        elif version is not None:
+            return
+        if version is not None:
             self._versions[job.id] = version + 1
+        if self._pass is not None and job.id in self._pass.due:
+            self._pass.due[job.id] = get_django_internal_datetime(job.next_run_time)
 
     def remove_job(self, job_id: str) -> None:
         if in_scheduler_loop():
@@ -367,11 +413,14 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
                     return
                 qs = qs.filter(Exists(self._fence_qs(*fence)))
             try:
-                qs.delete()
+                deleted = qs.delete()[0]
             except DatabaseError:
                 logger.warning("Could not remove finished job %r", job_id, exc_info=True)
                 reset_connection()
+                return
             self._versions.pop(job_id, None)
+            if deleted and self._pass is not None:
+                self._pass.due.pop(job_id, None)
             return
         if not self._delete(job_id):
             raise JobLookupError(job_id)
@@ -445,14 +494,16 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             reset_connection()
 
     @retry_on_db_operational_error
+    def _rows(self, *conditions: Any, **filters: Any) -> Any:
+        return (
+            DjangoJob.objects.filter(*conditions, restore_error="", **filters)
+            .order_by("next_run_time")
+            .values_list("id", "job_state", "version", "next_run_time")
+        )
+
     def _get_jobs(self, **filters: Any) -> list[Job]:
         jobs = []
-        rows = (
-            DjangoJob.objects.filter(restore_error="", **filters)
-            .order_by("next_run_time")
-            .values_list("id", "job_state", "version")
-        )
-        for job_id, job_state, version in rows:
+        for job_id, job_state, version, _ in self._rows(**filters):
             job = self._restore(job_id, bytes(job_state))
             if job is not None:
                 self._versions[job_id] = version

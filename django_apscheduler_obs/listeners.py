@@ -27,6 +27,8 @@ def register(runtime: SchedulerRuntime) -> None:
     def on_max_instances(event: Any) -> None:
         if event.job_id == HEARTBEAT_JOB_ID:
             return
+        if runtime.observer.is_fenced_store(event.jobstore) and not runtime.lease.is_leader():
+            return  # a deposed leader re-submitting a job it could not advance: not a skip
         runtime.observer.skip(event.job_id, "max_instances", len(event.scheduled_run_times))
         for run_time in event.scheduled_run_times:
             runtime.history.record_skip(
