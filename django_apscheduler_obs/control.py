@@ -11,8 +11,8 @@ from typing import Any
 
 from apscheduler.job import Job
 from apscheduler.jobstores.base import JobLookupError
-from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
 
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.jobstores import DjangoJobStore

@@ -117,10 +117,10 @@ def make_app(
             # Ready: the database answers and the scheduler was started (runapscheduler waits
             # for a writable database before starting it).
             ok, detail = database_ready()
-            started = runtime.scheduler.state != STATE_STOPPED
-            return json_response(
-                start_response, ok and started, {"database": detail, "started": started}
-            )
+            body = {"database": detail}
+            if runtime.scheduler.state == STATE_STOPPED:
+                ok, body["scheduler"] = False, "not started"
+            return json_response(start_response, ok, body)
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"Not found. Try /metrics, /healthz or /readyz.\n"]
 

@@ -52,7 +52,7 @@ def verify(state: bytes) -> bytes:
     """The pickled payload of a signed state; raises ``BadSignature`` otherwise."""
     if not conf.SIGN_JOB_STATE:
         return state[len(PREFIX) + _SIG_LEN + 1 :] if is_signed(state) else state
-    if not is_signed(state):
+    if not is_signed(state) or state[len(PREFIX) + _SIG_LEN : len(PREFIX) + _SIG_LEN + 1] != b"$":
         raise BadSignature("job state is not signed")
     sig = state[len(PREFIX) : len(PREFIX) + _SIG_LEN]
     payload = state[len(PREFIX) + _SIG_LEN + 1 :]

@@ -56,8 +56,14 @@ class DemoProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def manage(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, str(MANAGE), *args], env=self.env, cwd=REPO,
-                                capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [sys.executable, str(MANAGE), *args],
+            env=self.env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if result.returncode != 0:
             raise AssertionError(f"manage.py {' '.join(args)} failed: {result.stderr}")
         return result.stdout

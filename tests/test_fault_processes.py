@@ -292,6 +292,7 @@ def test_kill_9_during_a_run_is_abandoned_on_restart_and_jobs_resume(processes, 
     assert "Traceback" not in second.log()
 
 
+@pytest.mark.once  # single-job SIGTERM cases on every backend: tests/test_runapscheduler.py
 def test_sigterm_during_runs_stops_in_bounded_time_with_every_row_final(processes, tmp_path):
     """One run ends within the shutdown timeout, one never does, one job leaked a thread."""
     settings = jobs_source(
@@ -317,6 +318,7 @@ def test_sigterm_during_runs_stops_in_bounded_time_with_every_row_final(processe
     assert "Stopping with 1 job(s) still running: held" in p.log()
 
 
+@pytest.mark.once
 def test_sigterm_with_a_leaked_thread_and_no_run_left_still_exits(processes, tmp_path):
     settings = jobs_source(
         '{"id": "leaky", "func": "tests.jobs:leak_thread", "trigger": "interval", "hours": 1, '

@@ -143,8 +143,10 @@ def test_faulty_jobs_are_reported_and_do_not_stop_the_others(
 
         # -- each fault is reported --------------------------------------------------------
         # Raises on every run: Error! rows with exception, traceback and the class name.
-        row = DjangoJobExecution.objects.filter(job_id="raises").first()
-        assert (row.status, row.error_type) == (DjangoJobExecution.ERROR, "ValueError")
+        row = DjangoJobExecution.objects.filter(
+            job_id="raises", status=DjangoJobExecution.ERROR
+        ).first()
+        assert row.error_type == "ValueError"
         assert "boom" in row.exception and "raise ValueError" in row.traceback
         assert runs("raises", DjangoJobExecution.SUCCESS) == 0
         assert (

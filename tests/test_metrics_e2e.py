@@ -39,8 +39,9 @@ class OTLPReceiver:
                 request.ParseFromString(body)
                 with receiver.lock:
                     for resource_spans in request.resource_spans:
-                        service = {a.key: a.value.string_value
-                                   for a in resource_spans.resource.attributes}
+                        service = {
+                            a.key: a.value.string_value for a in resource_spans.resource.attributes
+                        }
                         for scope_spans in resource_spans.scope_spans:
                             for span in scope_spans.spans:
                                 receiver.spans.append({
@@ -123,18 +124,23 @@ def rows(db: Path, sql: str) -> list[tuple[object, ...]]:
 
 def pause_job(demo: DemoProcess, job_id: str) -> None:
     """Pause a job from another process, as a web request or a shell would."""
-    demo.manage("shell", "-c", f"from django_apscheduler_obs import control; "
-                f"control.pause_job({job_id!r})")
+    demo.manage(
+        "shell", "-c", f"from django_apscheduler_obs import control; control.pause_job({job_id!r})"
+    )
 
 
 def rewind_job(demo: DemoProcess, job_id: str, seconds: float) -> None:
     """Move a job's next run into the past, as if the scheduler had been down that long."""
-    demo.manage("shell", "-c", (
-        "from datetime import datetime, timedelta, timezone\n"
-        "from django_apscheduler_obs import control\n"
-        f"control.modify_job({job_id!r}, next_run_time=datetime.now(timezone.utc)"
-        f" - timedelta(seconds={seconds}))\n"
-    ))
+    demo.manage(
+        "shell",
+        "-c",
+        (
+            "from datetime import datetime, timedelta, timezone\n"
+            "from django_apscheduler_obs import control\n"
+            f"control.modify_job({job_id!r}, next_run_time=datetime.now(timezone.utc)"
+            f" - timedelta(seconds={seconds}))\n"
+        ),
+    )
 
 
 def test_a_real_scheduler_exposes_every_outcome(demo: DemoProcess, receiver: OTLPReceiver):
@@ -149,24 +155,35 @@ def test_a_real_scheduler_exposes_every_outcome(demo: DemoProcess, receiver: OTL
         at_least("apscheduler_job_skipped_runs_total", 1, job_id="demo_missed",
                  reason="misfire"),
     )), what="success, failure, max_instances and misfire")  # fmt: skip
-    assert sample_value(text, "apscheduler_job_last_failure_timestamp_seconds",
-                        job_id="demo_fail") is not None
-    assert sample_value(text, "apscheduler_job_last_success_timestamp_seconds",
-                        job_id="demo_fail") is None
+    assert (
+        sample_value(text, "apscheduler_job_last_failure_timestamp_seconds", job_id="demo_fail")
+        is not None
+    )
+    assert (
+        sample_value(text, "apscheduler_job_last_success_timestamp_seconds", job_id="demo_fail")
+        is None
+    )
     assert sample_value(text, "apscheduler_leader", group="default") == 1
-    assert sample_value(text, "apscheduler_scheduler_state",
-                        apscheduler_scheduler_state="running") == 1
+    assert (
+        sample_value(text, "apscheduler_scheduler_state", apscheduler_scheduler_state="running")
+        == 1
+    )
     assert sample_value(text, "apscheduler_job_max_runtime_seconds", job_id="demo_slow") == 10
-    assert sample_value(text, "apscheduler_job_expected_interval_seconds",
-                        job_id="demo_succeed") == 1
+    assert (
+        sample_value(text, "apscheduler_job_expected_interval_seconds", job_id="demo_succeed") == 1
+    )
     assert sample_value(text, "process_resident_memory_bytes") > 0
 
     # A job paused by another process is reported paused, and loses its next run time.
     pause_job(demo, "demo_slow")
-    text = wait_scrape(demo, at_least("apscheduler_job_paused", 1, job_id="demo_slow"),
-                       what="demo_slow to be paused")
-    assert sample_value(text, "apscheduler_job_next_run_timestamp_seconds",
-                        job_id="demo_slow") is None
+    text = wait_scrape(
+        demo,
+        at_least("apscheduler_job_paused", 1, job_id="demo_slow"),
+        what="demo_slow to be paused",
+    )
+    assert (
+        sample_value(text, "apscheduler_job_next_run_timestamp_seconds", job_id="demo_slow") is None
+    )
 
     # Exemplars (OpenMetrics only) carry the trace ids stored on the rows and exported.
     om = demo.scrape(openmetrics=True)
@@ -177,8 +194,14 @@ def test_a_real_scheduler_exposes_every_outcome(demo: DemoProcess, receiver: OTL
         if s.exemplar and s.labels.get("job_id") == "demo_succeed"
     }
     assert exemplar_ids
-    stored = {r[0] for r in rows(demo.db, "SELECT trace_id FROM django_apscheduler_obs_"
-                                          "djangojobexecution WHERE job_id='demo_succeed'")}
+    stored = {
+        r[0]
+        for r in rows(
+            demo.db,
+            "SELECT trace_id FROM django_apscheduler_obs_"
+            "djangojobexecution WHERE job_id='demo_succeed'",
+        )
+    }
     assert exemplar_ids <= stored
     deadline = time.monotonic() + 10
     while not exemplar_ids <= receiver.trace_ids("run demo_succeed"):
@@ -190,24 +213,38 @@ def test_a_real_scheduler_exposes_every_outcome(demo: DemoProcess, receiver: OTL
 
     # Every row written; none left running once the process stops.
     assert demo.stop() == 0
-    statuses = dict(rows(demo.db, "SELECT status, COUNT(*) FROM django_apscheduler_obs_"
-                                  "djangojobexecution GROUP BY status"))
+    statuses = dict(
+        rows(
+            demo.db,
+            "SELECT status, COUNT(*) FROM django_apscheduler_obs_"
+            "djangojobexecution GROUP BY status",
+        )
+    )
     assert "Started execution" not in statuses
     assert {"Executed", "Error!", "Missed!", "Max instances!"} <= set(statuses)
 
     # Downtime: fire times missed while stopped are coalesced into one run and counted.
     rewind_job(demo, "demo_succeed", 5.5)
-    ((last_slow_success,),) = rows(demo.db, "SELECT MAX(finished) FROM django_apscheduler_obs_"
-                                            "djangojobexecution WHERE job_id='demo_slow' AND "
-                                            "status='Executed'")
+    ((last_slow_success,),) = rows(
+        demo.db,
+        "SELECT MAX(finished) FROM django_apscheduler_obs_"
+        "djangojobexecution WHERE job_id='demo_slow' AND "
+        "status='Executed'",
+    )
     demo.start()
     # Last outcomes survive the restart: seeded from the history (demo_slow is paused, so
     # no new run can have set it).
-    seeded = sample_value(demo.scrape(), "apscheduler_job_last_success_timestamp_seconds",
-                          job_id="demo_slow")
+    seeded = sample_value(
+        demo.scrape(), "apscheduler_job_last_success_timestamp_seconds", job_id="demo_slow"
+    )
     assert seeded == pytest.approx(float(last_slow_success), abs=1e-5)
-    wait_scrape(demo, at_least("apscheduler_job_skipped_runs_total", 5, job_id="demo_succeed",
-                               reason="coalesced"), what="coalesced fire times")
+    wait_scrape(
+        demo,
+        at_least(
+            "apscheduler_job_skipped_runs_total", 5, job_id="demo_succeed", reason="coalesced"
+        ),
+        what="coalesced fire times",
+    )
     assert demo.stop() == 0
 
 
@@ -223,12 +260,15 @@ def test_every_metric_used_by_dashboards_alerts_and_readme_is_emitted(demo: Demo
     used |= set(re.findall(r"`(apscheduler_[a-z_]+)", readme))
     used = {re.sub(r"_(bucket|count|sum|total|created)$", "", n) for n in used}
     demo.start()
-    text = wait_scrape(demo, at_least("apscheduler_job_skipped_runs_total", 1,
-                                      job_id="demo_missed", reason="misfire"),
-                       what="the demo to exercise every path")
+    text = wait_scrape(
+        demo,
+        at_least("apscheduler_job_skipped_runs_total", 1, job_id="demo_missed", reason="misfire"),
+        what="the demo to exercise every path",
+    )
     emitted = {f.name for f in parse_text(text)}
     emitted |= {re.sub(r"_(total|created)$", "", n) for n in emitted}
-    missing = sorted(n for n in used if n not in emitted and not n.startswith(
-        "apscheduler_jobstore_"))  # the web-side collector is tested separately
+    missing = sorted(
+        n for n in used if n not in emitted and not n.startswith("apscheduler_jobstore_")
+    )  # the web-side collector is tested separately
     assert not missing, f"used but never emitted: {missing}"
     assert demo.stop() == 0

@@ -301,19 +301,19 @@ def _cli(*args: str, preexec_fn: Any = None) -> subprocess.CompletedProcess[str]
 def test_runapscheduler_refuses_unusable_tls_files_in_one_line(tmp_path, pki):  # noqa: F811
     from tests.test_fault_processes import _drop_dac_override
 
-    garbage = tmp_path / "garbage.pem"
-    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    # (Missing and garbage files, a key without a certificate: tests/test_runapscheduler.py.)
     unreadable = tmp_path / "server.key"
     unreadable.write_bytes((pki / "server.key").read_bytes())
     unreadable.chmod(0o000)
+    cert = str(pki / "server.pem")
     cases = [
-        (("--metrics-certfile", str(tmp_path / "missing.pem")), "No such file"),
-        (("--metrics-certfile", str(garbage)), "cannot load TLS files"),
-        (("--metrics-certfile", str(pki / "server.pem"), "--metrics-keyfile",
-          str(pki / "client.key")), "cannot load TLS files"),  # key of another certificate
-        (("--metrics-keyfile", str(pki / "server.key")), "need --metrics-certfile"),
-        (("--metrics-certfile", str(pki / "server.pem"), "--metrics-keyfile", str(unreadable)),
-         "Permission denied"),
+        # The key of another certificate.
+        (("--metrics-certfile", cert, "--metrics-keyfile", str(pki / "client.key")),
+         "cannot load TLS files"),
+        # A key the process may not read (root is held to file permissions here).
+        (("--metrics-certfile", cert, "--metrics-keyfile", str(unreadable)), "Permission denied"),
+        (("--metrics-certfile", cert, "--metrics-client-cafile", str(tmp_path / "no-ca.pem")),
+         "cannot load TLS files"),
     ]  # fmt: skip
     for args, expected in cases:
         result = _cli(*args, preexec_fn=_drop_dac_override)
