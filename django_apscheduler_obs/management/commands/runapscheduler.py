@@ -17,6 +17,7 @@ import sys
 import threading
 from typing import Any
 
+import prometheus_client
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -138,6 +139,9 @@ class Command(BaseCommand):
 
         project = settings.SETTINGS_MODULE.split(".")[0] if settings.SETTINGS_MODULE else "django"
         tracing.configure_from_env(f"{project}-scheduler")
+        # One process, one registry of ours: the ``*_created`` series of every counter and
+        # histogram would double the series count for nothing (process-wide switch).
+        prometheus_client.disable_created_metrics()
         runtime = build_scheduler(
             group=options["group"],
             lease_ttl=ttl,
