@@ -10,7 +10,10 @@ PG_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 MYSQL_URL ?= mysql://root@127.0.0.1:3306/test
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint test-sqlite test-postgres test-mariadb system services bench grafana clean
+VENV42 := .venv-django42
+STAMP42 := $(VENV42)/.installed
+
+.PHONY: demo test lint test-sqlite test-postgres test-mariadb test-django42 system services bench grafana clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,10 +48,20 @@ test-postgres: $(STAMP)
 test-mariadb: $(STAMP)
 	DATABASE_URL=$(MYSQL_URL) $(BIN)/pytest -m "not once" $(PYTEST_ARGS)
 
-test: system $(STAMP) services lint test-postgres test-mariadb test-sqlite
+# The oldest supported Django (4.2 LTS) on SQLite, end-to-end tests left out for time.
+$(STAMP42): pyproject.toml
+	$(PYTHON) -m venv $(VENV42)
+	$(VENV42)/bin/pip install -q --upgrade pip
+	$(VENV42)/bin/pip install -q "django>=4.2,<5" -e ".[test]"
+	touch $(STAMP42)
+
+test-django42: $(STAMP42)
+	$(VENV42)/bin/pytest -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
+test: system $(STAMP) services lint test-postgres test-mariadb test-django42 test-sqlite
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache example/db.sqlite3*
+	rm -rf $(VENV) $(VENV42) .pytest_cache .mypy_cache .ruff_cache example/db.sqlite3*
