@@ -690,13 +690,20 @@ class TriggerSourceFilter(admin.SimpleListFilter):
         return queryset.filter(trigger_source=self.value()) if self.value() else queryset
 
 
-@admin.register(DjangoJobExecution)
-class DjangoJobExecutionAdmin(admin.ModelAdmin):
+class LargeTableAdmin(admin.ModelAdmin):
+    """For tables that grow without bound: no facet counts, a capped paginator count."""
+
     if hasattr(admin, "ShowFacets"):  # Django >= 5.0
         # "Show counts" would COUNT the whole history once per filter choice.
         show_facets = admin.ShowFacets.NEVER
     count_cap = COUNT_CAP
     count_cap_text = f"{COUNT_CAP:,}"
+    paginator = CappedCountPaginator
+    show_full_result_count = False
+
+
+@admin.register(DjangoJobExecution)
+class DjangoJobExecutionAdmin(LargeTableAdmin):
     list_display = [
         "id",
         "job_id",
@@ -729,8 +736,6 @@ class DjangoJobExecutionAdmin(admin.ModelAdmin):
         "exception_text",
         "traceback_text",
     )
-    show_full_result_count = False
-    paginator = CappedCountPaginator
     list_per_page = 50
 
     class Media:
@@ -803,12 +808,7 @@ class DjangoJobExecutionAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunRequest)
-class RunRequestAdmin(admin.ModelAdmin):
-    if hasattr(admin, "ShowFacets"):  # Django >= 5.0
-        # "Show counts" would COUNT the whole history once per filter choice.
-        show_facets = admin.ShowFacets.NEVER
-    count_cap = COUNT_CAP
-    count_cap_text = f"{COUNT_CAP:,}"
+class RunRequestAdmin(LargeTableAdmin):
     list_display = [
         "id",
         "job_id",
@@ -832,8 +832,6 @@ class RunRequestAdmin(admin.ModelAdmin):
         "execution_link",
         "message",
     )
-    show_full_result_count = False
-    paginator = CappedCountPaginator
 
     class Media:
         css = {"all": ["django_apscheduler_obs/admin.css"]}

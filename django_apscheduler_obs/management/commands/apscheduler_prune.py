@@ -7,14 +7,14 @@ command is for one-off pruning (a backlog after retention was off, one noisy job
 from __future__ import annotations
 
 import re
-import sys
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
 from django_apscheduler_obs.cleanup import delete_executions
+from django_apscheduler_obs.management.base import OneLineErrorCommand
 from django_apscheduler_obs.models import DjangoJobExecution
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -33,21 +33,8 @@ def parse_duration(value: str) -> timedelta:
     return timedelta(seconds=float(number) * UNITS[unit or "s"])
 
 
-class Command(BaseCommand):
+class Command(OneLineErrorCommand):
     help = "Deletes execution history older than --older-than, in batches."
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        error = parser.error
-
-        def one_line_error(message: str) -> None:
-            if not parser.called_from_command_line:
-                error(message)  # raises CommandError for call_command()
-            sys.stderr.write(f"{subcommand}: error: {message}\n")
-            sys.exit(2)
-
-        parser.error = one_line_error  # type: ignore[method-assign]
-        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(

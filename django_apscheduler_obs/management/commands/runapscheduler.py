@@ -19,9 +19,10 @@ from typing import Any
 
 import prometheus_client
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from django_apscheduler_obs.conf import conf
+from django_apscheduler_obs.management.base import OneLineErrorCommand
 
 logger = logging.getLogger("django_apscheduler_obs.runapscheduler")
 
@@ -46,22 +47,9 @@ def _positive(value: str) -> float:
     return number
 
 
-class Command(BaseCommand):
+class Command(OneLineErrorCommand):
     help = "Runs APScheduler with the jobs declared in code, and serves /metrics."
     requires_system_checks = "__all__"
-
-    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
-        parser = super().create_parser(prog_name, subcommand, **kwargs)
-        error = parser.error
-
-        def one_line_error(message: str) -> None:
-            if not parser.called_from_command_line:
-                error(message)  # raises CommandError for call_command()
-            sys.stderr.write(f"{subcommand}: error: {message}\n")
-            sys.exit(2)
-
-        parser.error = one_line_error  # type: ignore[method-assign]
-        return parser
 
     def add_arguments(self, parser: CommandParser) -> None:
         m = parser.add_argument_group("metrics endpoint")
