@@ -317,13 +317,20 @@ class Lease:
         self.epoch = None  # first: no claim of ours may start after this point
         if epoch is None:
             return
-        try:
-            SchedulerLease.objects.filter(name=self.group, owner=self.identity, epoch=epoch).update(
-                expires_at=DbNow(), owner=""
-            )
-        except DatabaseError:
-            logger.warning("Could not release the scheduler lease; it expires in %ss", self.ttl)
-            reset_connection()
+        # Often called from the main thread, whose connection may have died long ago (a
+        # database restart): one retry on a fresh connection before leaving it to expire.
+        for attempt in (1, 2):
+            try:
+                SchedulerLease.objects.filter(
+                    name=self.group, owner=self.identity, epoch=epoch
+                ).update(expires_at=DbNow(), owner="")
+                return
+            except DatabaseError:
+                reset_connection()
+                if attempt == 2:
+                    logger.warning(
+                        "Could not release the scheduler lease; it expires in %ss", self.ttl
+                    )
 
     def forget(self) -> None:
         """This Lease will not be used again: its identity no longer counts as alive here."""
@@ -506,22 +513,27 @@ class LeaseKeeper(threading.Thread):
             self._lose("taken_over")
 
     def _gain(self) -> None:
+        """Report the gain first (gauges flip with leadership), then mark the runs of dead
+        earlier leaders abandoned (reported through ``on_abandoned``), read the change
+        baseline and wake the scheduler."""
         lease = self.lease
         logger.info("Became the scheduler leader of group %r (epoch %s)", lease.group, lease.epoch)
-        n = 0
+        if self.on_gain:
+            self.on_gain(lease, 0)
         try:
             n = lease.mark_abandoned(spare_live_for=self.liveness)
-            if n:
-                logger.warning("Marked %d run(s) of earlier leaders as abandoned", n)
         except DatabaseError:
             reset_connection()
+            n = 0
         self._last_sweep = time.monotonic()
+        if n:
+            logger.warning("Marked %d run(s) of earlier leaders as abandoned", n)
+            if self.on_abandoned:
+                self.on_abandoned(n)
         # The baseline is read *before* the wakeup: a change committed after this read is
         # seen by the next poll; one committed before it is seen by the pass we wake.
         self._version = None
         self._read_version()
-        if self.on_gain:
-            self.on_gain(lease, n)
         self.wakeup()
 
     def _sweep_abandoned(self) -> None:

@@ -145,6 +145,19 @@ def test_release_only_releases_our_own_epoch():
 
 
 @db
+def test_release_retries_once_on_a_fresh_connection():
+    """SIGTERM releases from the main thread, whose connection may have died long ago."""
+    from tests.test_claims import failing
+
+    a, b = Lease(ttl=30), Lease(ttl=30)
+    assert a.acquire()
+    with failing(r"^UPDATE .*schedulerlease", times=1) as outage:
+        a.release()
+    assert outage.failures == 1
+    assert row().owner == "" and b.acquire(), "released after all: no wait for the TTL"
+
+
+@db
 def test_failover_seconds_measures_the_time_without_a_leader():
     a, b = Lease(ttl=TTL), Lease(ttl=TTL)
     assert a.acquire()
@@ -493,9 +506,10 @@ def test_on_gain_marks_runs_of_older_epochs_abandoned():
     SchedulerLease.objects.create(
         name="default", owner="", epoch=1, expires_at=datetime(2000, 1, 1, tzinfo=timezone.utc)
     )
-    keeper, _, seen = keeper_for(Lease(ttl=TTL))
+    swept: list[int] = []
+    keeper, _, seen = keeper_for(Lease(ttl=TTL), on_abandoned=swept.append)
     keeper.step()
-    assert seen["gain"] == [(2, 1)]
+    assert seen["gain"] == [(2, 0)] and swept == [1]
     statuses = sorted(DjangoJobExecution.objects.values_list("status", flat=True))
     assert statuses == ["Abandoned", "Executed"]
 
@@ -542,7 +556,6 @@ def test_a_standby_store_returns_nothing_and_sleeps_until_woken(make_runtime):
 def test_a_job_added_by_another_process_runs_at_its_first_fire_time(make_runtime, settings):
     rt = make_runtime()
     rt.scheduler.add_job("tests.jobs:noop", "interval", seconds=3600, id="hourly")
-    time.sleep(0.3)  # let the leader go to sleep on the hourly job (nothing to wait for)
     fire = (_utcnow() + timedelta(seconds=1.5)).replace(microsecond=0)
 
     def add_elsewhere() -> None:  # a web process: a scheduler-less store, its own connection
@@ -621,7 +634,7 @@ def test_gain_marks_runs_of_dead_owners_and_the_sweep_those_that_go_silent():
         swept: list[int] = []
         keeper, _, seen = keeper_for(Lease(ttl=TTL, renew_interval=0.3), on_abandoned=swept.append)
         keeper.step()
-        assert seen["gain"] == [(2, 3)]
+        assert seen["gain"] == [(2, 0)] and swept == [3]
 
         def status(owner: str) -> str:
             return DjangoJobExecution.objects.get(pk=rows[owner].pk).status
@@ -632,7 +645,7 @@ def test_gain_marks_runs_of_dead_owners_and_the_sweep_those_that_go_silent():
         _instance(live, seen_ago=keeper.liveness + 1)
         keeper._last_sweep = 0.0
         keeper.step()
-        assert status(live) == "Abandoned" and swept == [1]
+        assert status(live) == "Abandoned" and swept == [3, 1]
     finally:
         sleeper.kill()
         sleeper.wait()
@@ -674,7 +687,13 @@ def test_sigterm_hands_over_at_once_and_the_running_run_is_not_abandoned(make_ru
     try:
         wait_for(b.lease.is_leader, timeout=2, interval=0.005, message="the takeover")
         assert time.monotonic() - t0 <= 0.2 + 0.5, "standby poll + slack, not the run's length"
-        time.sleep(0.5)  # a few of the new leader's sweeps
+        wait_for(  # on_gain runs after the new leader's look for abandoned runs
+            lambda: b.registry.get_sample_value(
+                "apscheduler_lease_acquisitions_total", {"group": "default"}
+            ),
+            message="the new leader's gain",
+        )
+        b.keeper._sweep_abandoned()  # and one of its periodic sweeps
         row = DjangoJobExecution.objects.get(job_id="long")
         assert row.status == DjangoJobExecution.SENT, "still running, not abandoned"
     finally:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -410,6 +411,12 @@ class Cluster:
         ]:
             key = (name, tuple(sorted({"group": "default", **labels}.items())))
             fault.notes[f"old:{name}{labels or ''}"] = after.get(key, 0) - before.get(key, 0)
+        new_pid = int(fault.new_owner.rsplit(":", 2)[1])
+        for p in self.procs:
+            if p.pid == new_pid:  # replays of fire times the frozen leader had claimed
+                fault.notes["new:apscheduler_claims_total{'result': 'conflict'}"] = p.metric(
+                    "apscheduler_claims_total", result="conflict"
+                )
         return fault
 
     def sigterm(self) -> Fault:
@@ -426,6 +433,13 @@ class Cluster:
         """One fast restart of the PostgreSQL server (the server is shared: once per run)."""
         if self.vendor != "postgresql":
             return None
+        host = str(connections["default"].settings_dict.get("HOST") or "")
+        if (
+            shutil.which("pg_ctlcluster") is None
+            or not os.path.isdir("/etc/postgresql")
+            or host not in ("", "localhost", "127.0.0.1", "::1")
+        ):
+            return None  # not a server this machine can restart
         leader, row = self.leader()
         fault = self._fault("PG restart", leader, row, None)
         version = sorted(os.listdir("/etc/postgresql"))[-1]
