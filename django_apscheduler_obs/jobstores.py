@@ -503,10 +503,11 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
 
     def _get_jobs(self, **filters: Any) -> list[Job]:
         jobs = []
-        for job_id, job_state, version, _ in self._rows(**filters):
+        # Versions are remembered by get_due_jobs only: a listing from another thread must not
+        # move the version the leader's next fenced write will check.
+        for job_id, job_state, _, _ in self._rows(**filters):
             job = self._restore(job_id, bytes(job_state))
             if job is not None:
-                self._versions[job_id] = version
                 jobs.append(job)
         return jobs
 

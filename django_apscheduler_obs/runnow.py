@@ -23,7 +23,7 @@ from functools import reduce
 from operator import or_
 from typing import TYPE_CHECKING, Any
 
-from django.db import connections
+from django.db import DatabaseError, connections
 from django.db.models import Q
 from django.utils import timezone
 from opentelemetry.propagate import inject
@@ -107,6 +107,9 @@ class RunNowPoller(threading.Thread):
             while not self._stop_event.wait(self.interval):
                 try:
                     self.step()
+                except DatabaseError as exc:  # an outage: say it once a poll, no traceback
+                    logger.warning("Run-now poller cannot read the queue: %s", exc)
+                    reset_connection()
                 except Exception:  # never let the thread die
                     logger.exception("Run-now poller error")
                     reset_connection()
