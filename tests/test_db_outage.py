@@ -12,100 +12,18 @@ control command is missing: CI must prove this. Each test restarts its server on
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 from apscheduler import events
 from django.db import connection
 
 from django_apscheduler_obs.models import DjangoJobExecution
-from tests.conftest import IN_CI, RUN_EVENTS, wait_for
+from tests.conftest import RUN_EVENTS, wait_for
+from tests.dbserver import server_for_this_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-def _run(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-class Postgres:
-    name = "PostgreSQL"
-
-    def __init__(self) -> None:
-        versions = sorted(os.listdir("/etc/postgresql")) if Path("/etc/postgresql").is_dir() else []
-        self.version = versions[-1] if versions else None
-
-    def controllable(self) -> str | None:
-        if not shutil.which("pg_ctlcluster") or self.version is None:
-            return "pg_ctlcluster or /etc/postgresql is missing"
-        if os.geteuid() != 0:
-            return "not root: cannot restart the cluster"
-        return None
-
-    def ready(self) -> bool:
-        return _run("pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q", timeout=5).returncode == 0
-
-    def stop(self) -> None:
-        ctl = ("pg_ctlcluster", "--skip-systemctl-redirect", str(self.version), "main")
-        result = _run(*ctl, "stop", "-m", "fast")
-        assert result.returncode == 0, result.stderr
-
-    def start(self) -> None:
-        ctl = ("pg_ctlcluster", "--skip-systemctl-redirect", str(self.version), "main")
-        _run(*ctl, "start")
-
-
-class MariaDB:
-    name = "MariaDB"
-
-    def controllable(self) -> str | None:
-        if not (shutil.which("mysqladmin") and shutil.which("start-stop-daemon")):
-            return "mysqladmin or start-stop-daemon is missing"
-        if not Path("/usr/sbin/mariadbd").exists():
-            return "/usr/sbin/mariadbd is missing"
-        if os.geteuid() != 0:
-            return "not root: cannot restart the server"
-        return None
-
-    def ready(self) -> bool:
-        return (
-            _run("mysqladmin", "-h", "127.0.0.1", "-u", "root", "ping", timeout=5).returncode == 0
-        )
-
-    def stop(self) -> None:
-        result = _run("mysqladmin", "-h", "127.0.0.1", "-u", "root", "shutdown")
-        assert result.returncode == 0, result.stderr
-        wait_for(lambda: not self.ready(), timeout=20, interval=0.1, message="MariaDB down")
-
-    def start(self) -> None:
-        _run(
-            "start-stop-daemon", "--start", "--oknodo", "--background",
-            "--exec", "/usr/sbin/mariadbd",
-        )  # fmt: skip
-
-
-def server_for_this_database() -> Postgres | MariaDB:
-    vendor = connection.vendor
-    server: Postgres | MariaDB
-    if vendor == "postgresql":
-        server = Postgres()
-    elif vendor == "mysql":
-        server = MariaDB()
-    else:
-        pytest.skip(f"restarts PostgreSQL or MariaDB; this run uses {vendor}")
-    problem = server.controllable()
-    if problem is None and not server.ready():
-        problem = f"{server.name} is not reachable"
-    if problem:
-        if IN_CI:
-            pytest.fail(f"CI must run the {server.name} outage test: {problem}")
-        pytest.skip(problem)
-    return server
 
 
 def test_scheduler_survives_a_database_restart_during_a_run(make_runtime):

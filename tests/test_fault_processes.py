@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from django_apscheduler_obs.models import DjangoJobExecution
 from tests.conftest import wait_for
+from tests.dbserver import server_for_this_database
 from tests.demo_process import REPO, free_port, http_get
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -335,40 +336,16 @@ def test_sigterm_with_a_leaked_thread_and_no_run_left_still_exits(processes, tmp
 # -- the database server stays down ------------------------------------------------------------
 
 
-def _pg_cluster() -> list[str]:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
-
-
-def _mysql_up() -> bool:
-    return (
-        subprocess.run(["mysqladmin", "-uroot", "ping"], capture_output=True, timeout=10).returncode
-        == 0
-    )
-
-
 @contextlib.contextmanager
 def database_server_down() -> Iterator[None]:
     """Stop the database server of the test database; start it again on leaving."""
-    vendor = connection.vendor
+    server = server_for_this_database()
     connections.close_all()  # our own sessions: reopened after the outage
-    if vendor == "postgresql":
-        subprocess.run([*_pg_cluster(), "stop", "-m", "fast"], check=True, timeout=60)
-    else:
-        subprocess.run(["mysqladmin", "-uroot", "shutdown"], check=True, timeout=60)
-        wait_for(lambda: not _mysql_up(), timeout=30, interval=0.2, message="MariaDB to stop")
+    server.stop()
     try:
         yield
     finally:
-        if vendor == "postgresql":
-            subprocess.run([*_pg_cluster(), "start"], check=True, timeout=120)
-        else:
-            subprocess.run(
-                ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec",
-                 "/usr/sbin/mariadbd"],
-                check=True, timeout=60,
-            )  # fmt: skip
-            wait_for(_mysql_up, timeout=60, interval=0.2, message="MariaDB to start")
+        server.start()
         connections.close_all()
 
 
