@@ -34,6 +34,7 @@ ORDER = ["1", "2", "3", "4", "5", "6", "8", "7"]  # 8 reads the history that 7 h
 class Config:
     smoke: bool = False
     sustained_seconds: float = 60
+    lead_seconds: float = 3.0  # start-up time before the first fire time
     statements_seconds: float = 10
     record_threads: int = 4
     record_seconds: float = 10
@@ -53,6 +54,7 @@ class Config:
         return cls(
             smoke=True,
             sustained_seconds=5,
+            lead_seconds=1.5,
             statements_seconds=3,
             record_seconds=1,
             overhead_runs=50,
@@ -130,23 +132,36 @@ def tables(rows: list[Any], markdown: bool) -> list[str]:
             out.append("|" + "---|" * len(header))
             out.extend("| " + " | ".join(c.replace("|", "/") for c in b) + " |" for b in body)
         else:
-            widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-            out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-            out.extend("  ".join(str(c).ljust(w) for c, w in zip(b, widths)) for b in body)
+            widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
+            out.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=False)))
+            out.extend(
+                "  ".join(str(c).ljust(w) for c, w in zip(b, widths, strict=False)) for b in body
+            )
     return out
 
 
 def summary(ratios: list[Any], targets: list[Any], markdown: bool) -> list[str]:
-    out = ["", "### Ratios (how many times better obs is; < 1 means worse)" if markdown
-           else "== Ratios (how many times better obs is; < 1 means worse) =="]
+    out = [
+        "",
+        "### Ratios (how many times better obs is; < 1 means worse)"
+        if markdown
+        else "== Ratios (how many times better obs is; < 1 means worse) ==",
+    ]
     out.append("")
     if markdown:
         out.append("| scenario | case | metric | obs | other | vs | ratio |")
         out.append("|---|---|---|---|---|---|---|")
     for r in ratios:
         v = r.value
-        cells = [r.scenario, r.case, r.metric, fmt(r.ours), fmt(r.other), r.versus,
-                 "—" if v is None else f"{v:.2f}x"]
+        cells = [
+            r.scenario,
+            r.case,
+            r.metric,
+            fmt(r.ours),
+            fmt(r.other),
+            r.versus,
+            "—" if v is None else f"{v:.2f}x",
+        ]
         out.append("| " + " | ".join(cells) + " |" if markdown else "  ".join(cells))
     out += ["", "### Targets" if markdown else "== Targets ==", ""]
     if markdown:
@@ -155,8 +170,11 @@ def summary(ratios: list[Any], targets: list[Any], markdown: bool) -> list[str]:
     for t in targets:
         holds = {True: "yes", False: "NO", None: "n/a"}[t.holds]
         cells = [t.scenario, t.text, holds, t.figure]
-        out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |" if markdown
-                   else f"[{holds}] {t.scenario}: {t.text}\n      {t.figure}")
+        out.append(
+            "| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+            if markdown
+            else f"[{holds}] {t.scenario}: {t.text}\n      {t.figure}"
+        )
     return out
 
 
@@ -169,11 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated scenario numbers, e.g. 1,5")
     parser.add_argument("--db-name", default="dao_bench")
     parser.add_argument(
-        "--db-port", type=int,
+        "--db-port",
+        type=int,
         help="server port (default 5432 / 3306); a private server keeps others' restarts out",
     )
     parser.add_argument(
-        "--conn-max-age", default="0",
+        "--conn-max-age",
+        default="0",
         help="CONN_MAX_AGE of the bench database: 0 (Django's default) or 'none' (persistent)",
     )
     args = parser.parse_args(argv)
@@ -222,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(cfg),
         **harness.machine_info(),
     }
-    print(f"benchmarks on {meta['db_server']}, {meta['nproc']} x {meta['cpu']}, "
-          f"Python {meta['python']}, {'smoke' if args.smoke else 'full'} run", flush=True)
+    print(
+        f"benchmarks on {meta['db_server']}, {meta['nproc']} x {meta['cpu']}, "
+        f"Python {meta['python']}, {'smoke' if args.smoke else 'full'} run",
+        flush=True,
+    )
     rows, ratios, targets, failures = [], [], [], {}
     durations: dict[str, float] = {}
     load: dict[str, float] = {}

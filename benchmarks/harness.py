@@ -29,9 +29,7 @@ SUBJECT_TITLES = {
 
 # -- statement counting -----------------------------------------------------------------------
 
-_TABLE_RE = re.compile(
-    r"\b(?:FROM|INTO|UPDATE|JOIN)\s+[`\"]?([A-Za-z0-9_]+)[`\"]?", re.IGNORECASE
-)
+_TABLE_RE = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN)\s+[`\"]?([A-Za-z0-9_]+)[`\"]?", re.IGNORECASE)
 
 
 def classify(sql: str) -> tuple[str, str]:
@@ -82,9 +80,7 @@ class StatementLog:
         finally:
             dt = time.perf_counter() - t0
             verb, area = classify(sql)
-            item = Statement(
-                verb, area, thread_kind(), dt, sql if self.keep_sql else sql[:120]
-            )
+            item = Statement(verb, area, thread_kind(), dt, sql if self.keep_sql else sql[:120])
             with self._lock:
                 self.items.append(item)
 
@@ -312,8 +308,10 @@ def db_started_at() -> str:
                 c.execute("select pg_postmaster_start_time()")
                 return str(c.fetchone()[0])
             if connection.vendor == "mysql":
-                c.execute("select unix_timestamp() - variable_value from "
-                          "information_schema.global_status where variable_name = 'UPTIME'")
+                c.execute(
+                    "select unix_timestamp() - variable_value from "
+                    "information_schema.global_status where variable_name = 'UPTIME'"
+                )
                 return str(round(float(c.fetchone()[0]) / 10))
     except Exception as exc:
         connections.close_all()

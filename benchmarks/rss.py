@@ -45,10 +45,7 @@ def main() -> None:
         out["catalog_jobs"] = len(rt.catalog._views)
         stop = rt.stop
     else:
-        if subject == LEGACY:
-            store = LegacyStore()
-        else:
-            store = MemoryJobStore()
+        store = LegacyStore() if subject == LEGACY else MemoryJobStore()
         scheduler = BackgroundScheduler(
             jobstores={"default": store},
             executors={"default": ThreadPoolExecutor(10)},

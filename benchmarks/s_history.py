@@ -95,21 +95,43 @@ def ensure_history(subject: str, total: int) -> float:
             finished = (rt + timedelta(seconds=0.25)).timestamp()
             if subject == OURS:
                 yield (
-                    job_id, status, db_datetime(rt), 0.25, round(finished, 6),
-                    "boom" if error else None, "Traceback ..." if error else None,
-                    db_datetime(rt + timedelta(milliseconds=3)), 0.003,
-                    "ValueError" if error else "", "", "", "bench:1:abc", 1, "schedule",
+                    job_id,
+                    status,
+                    db_datetime(rt),
+                    0.25,
+                    round(finished, 6),
+                    "boom" if error else None,
+                    "Traceback ..." if error else None,
+                    db_datetime(rt + timedelta(milliseconds=3)),
+                    0.003,
+                    "ValueError" if error else "",
+                    "",
+                    "",
+                    "bench:1:abc",
+                    1,
+                    "schedule",
                 )
             else:
                 yield (
-                    job_id, status, db_datetime(rt), 0.25, round(finished, 2),
-                    "boom" if error else None, "Traceback ..." if error else None,
+                    job_id,
+                    status,
+                    db_datetime(rt),
+                    0.25,
+                    round(finished, 2),
+                    "boom" if error else None,
+                    "Traceback ..." if error else None,
                 )
 
     cols = ["job_id", "status", "run_time", "duration", "finished", "exception", "traceback"]
     if subject == OURS:
         cols += [
-            "started", "start_delay", "error_type", "trace_id", "span_id", "owner", "epoch",
+            "started",
+            "start_delay",
+            "error_type",
+            "trace_id",
+            "span_id",
+            "owner",
+            "epoch",
             "trigger_source",
         ]
     bulk_insert(model, cols, rows())
@@ -154,6 +176,13 @@ def _page(client: Any, url: str, repeats: int) -> dict[str, Any]:
     }
 
 
+def _statement_summary(name: str, pages: dict[Any, Any], subject: str, lo: int, hi: int) -> str:
+    return f"{name} statements " + ", ".join(
+        f"{p}: {pages[(subject, lo, p)]['statements']} -> {pages[(subject, hi, p)]['statements']}"
+        for p in ("job list", "execution list")
+    )
+
+
 def scenario8(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     rows, ratios, targets = [], [], []
     total = cfg.history_rows
@@ -166,7 +195,10 @@ def scenario8(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
             for jobs in cfg.admin_jobs:
                 drop_jobs_beyond(subject, jobs)
                 ensure_jobs(subject, jobs)
-                for page, model in (("job list", "djangojob"), ("execution list", "djangojobexecution")):
+                for page, model in (
+                    ("job list", "djangojob"),
+                    ("execution list", "djangojobexecution"),
+                ):
                     m = _page(client, f"/admin/{app}/{model}/", cfg.repeats)
                     m["history_rows"] = total
                     if load:
@@ -178,8 +210,15 @@ def scenario8(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
         for page in ("job list", "execution list"):
             rows.append(Row("8", f"{page}, {jobs:,} jobs", BARE, {"note": "no admin"}))
             ratios.append(
-                Ratio("8", f"{page}, {jobs:,} jobs", "ms", pages[(OURS, jobs, page)]["ms"]["median"],
-                      pages[(LEGACY, jobs, page)]["ms"]["median"], LEGACY, "lower")
+                Ratio(
+                    "8",
+                    f"{page}, {jobs:,} jobs",
+                    "ms",
+                    pages[(OURS, jobs, page)]["ms"]["median"],
+                    pages[(LEGACY, jobs, page)]["ms"]["median"],
+                    LEGACY,
+                    "lower",
+                )
             )
     lo, hi = min(cfg.admin_jobs), max(cfg.admin_jobs)
     constant = all(
@@ -197,18 +236,11 @@ def scenario8(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
             f"admin statements per page constant in jobs ({lo} vs {hi}), page < 200 ms "
             f"with {total:,} executions",
             constant and max(slow.values()) < 200,
-            "obs statements "
-            + ", ".join(
-                f"{p}: {pages[(OURS, lo, p)]['statements']} -> {pages[(OURS, hi, p)]['statements']}"
-                for p in ("job list", "execution list")
-            )
+            _statement_summary("obs", pages, OURS, lo, hi)
             + "; obs ms "
             + ", ".join(f"{k} {v}" for k, v in slow.items())
-            + "; 0.7 statements "
-            + ", ".join(
-                f"{p}: {pages[(LEGACY, lo, p)]['statements']} -> {pages[(LEGACY, hi, p)]['statements']}"
-                for p in ("job list", "execution list")
-            ),
+            + "; "
+            + _statement_summary("0.7", pages, LEGACY, lo, hi),
         )
     )
     return rows, ratios, targets
@@ -255,10 +287,28 @@ def scenario7(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
             rows.append(Row("7", f"{total:,} rows, half expired", subject, m))
     rows.append(Row("7", f"{total:,} rows, half expired", BARE, {"note": "no history"}))
     case = rows[0].case
-    ratios.append(Ratio("7", case, "longest_stmt_ms", results[OURS]["longest_stmt_ms"],
-                        results[LEGACY]["longest_stmt_ms"], LEGACY, "lower"))
-    ratios.append(Ratio("7", case, "total_s", results[OURS]["total_s"],
-                        results[LEGACY]["total_s"], LEGACY, "lower"))
+    ratios.append(
+        Ratio(
+            "7",
+            case,
+            "longest_stmt_ms",
+            results[OURS]["longest_stmt_ms"],
+            results[LEGACY]["longest_stmt_ms"],
+            LEGACY,
+            "lower",
+        )
+    )
+    ratios.append(
+        Ratio(
+            "7",
+            case,
+            "total_s",
+            results[OURS]["total_s"],
+            results[LEGACY]["total_s"],
+            LEGACY,
+            "lower",
+        )
+    )
     o = results[OURS]
     targets.append(
         Target(

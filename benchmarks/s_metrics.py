@@ -52,7 +52,10 @@ def scenario6(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
             rt = build_scheduler(registry=CollectorRegistry())
             for i in range(n):
                 rt.scheduler.add_job(
-                    "benchmarks.jobs:noop", "interval", minutes=10, id=f"m-{i:04d}",
+                    "benchmarks.jobs:noop",
+                    "interval",
+                    minutes=10,
+                    id=f"m-{i:04d}",
                     jobstore="default",
                 )
             rt.start()

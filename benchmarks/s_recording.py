@@ -88,7 +88,9 @@ class Paths:
         self.observers = {
             "full": self.runtime.observer,
             "no_db": RunObserver(
-                history=_null_history(), metrics=self.runtime.metrics, lease=lease,
+                history=_null_history(),
+                metrics=self.runtime.metrics,
+                lease=lease,
                 is_fenced_store=fenced,
             ),
             "no_db_no_metrics": RunObserver(
@@ -141,6 +143,45 @@ def _executed_rows(subject: str, prefix: str) -> int:
     return model.objects.filter(job__id__startswith=prefix, status="Executed").count()
 
 
+def _drive(
+    paths: Paths, run: Any, ids: list[str], seconds: float
+) -> tuple[list[int], list[int], float, list[Any]]:
+    """One thread per job id runs ``run`` in a loop for ``seconds``; counts successes."""
+    n = len(ids)
+    done = [0] * n
+    errors = [0] * n
+    stop = threading.Event()
+    barrier = threading.Barrier(n + 1)
+
+    def work(k: int) -> None:
+        job = make_job(paths.scheduler, "benchmarks.jobs:noop", ids[k])
+        times = RunTimes()
+        barrier.wait()
+        try:
+            while not stop.is_set():
+                try:
+                    events = run(job, times.next())
+                    if events and events[0].code == EVENT_JOB_EXECUTED:
+                        done[k] += 1
+                except Exception:
+                    errors[k] += 1
+        finally:
+            connections.close_all()
+
+    workers = [threading.Thread(target=work, args=(k,), name=f"bench-worker-{k}") for k in range(n)]
+    for w in workers:
+        w.start()
+    STATEMENTS.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - t0
+    return done, errors, elapsed, data_statements(STATEMENTS.stop())
+
+
 def scenario3(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     """Recording throughput: ``threads`` worker threads run no-op jobs for ``seconds``."""
     rows, ratios, targets = [], [], []
@@ -157,41 +198,7 @@ def scenario3(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
                 paths.renew()
             run = paths.runner(subject)
             spans0 = TRACING.exporter.count
-            done = [0] * threads_n
-            errors = [0] * threads_n
-            stop = threading.Event()
-            barrier = threading.Barrier(threads_n + 1)
-
-            def work(k: int, run: Any = run, done: list[int] = done) -> None:
-                job = make_job(paths.scheduler, "benchmarks.jobs:noop", ids[k])
-                times = RunTimes()
-                barrier.wait()
-                try:
-                    while not stop.is_set():
-                        try:
-                            events = run(job, times.next())
-                            if events and events[0].code == EVENT_JOB_EXECUTED:
-                                done[k] += 1
-                        except Exception:
-                            errors[k] += 1
-                finally:
-                    connections.close_all()
-
-            workers = [
-                threading.Thread(target=work, args=(k,), name=f"bench-worker-{k}")
-                for k in range(threads_n)
-            ]
-            for w in workers:
-                w.start()
-            STATEMENTS.start()
-            barrier.wait()
-            t0 = time.perf_counter()
-            time.sleep(seconds)
-            stop.set()
-            for w in workers:
-                w.join()
-            elapsed = time.perf_counter() - t0
-            statements = data_statements(STATEMENTS.stop())
+            done, errors, elapsed, statements = _drive(paths, run, ids, seconds)
             runs = sum(done)
             recorded = runs if subject == BARE else _executed_rows(subject, "rec-")
             m: dict[str, Any] = {
@@ -221,14 +228,32 @@ def scenario3(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     ours, legacy = results[OURS], results[LEGACY]
     case = rows[0].case
     ratios.append(
-        Ratio("3", case, "recorded_runs_per_s", ours["recorded_runs_per_s"],
-              legacy["recorded_runs_per_s"], LEGACY, "higher")
+        Ratio(
+            "3",
+            case,
+            "recorded_runs_per_s",
+            ours["recorded_runs_per_s"],
+            legacy["recorded_runs_per_s"],
+            LEGACY,
+            "higher",
+        )
     )
     ratios.append(
-        Ratio("3", case, "recorded_runs_per_s", ours["recorded_runs_per_s"],
-              results[BARE]["recorded_runs_per_s"], BARE, "higher")
+        Ratio(
+            "3",
+            case,
+            "recorded_runs_per_s",
+            ours["recorded_runs_per_s"],
+            results[BARE]["recorded_runs_per_s"],
+            BARE,
+            "higher",
+        )
     )
-    x = ours["recorded_runs_per_s"] / legacy["recorded_runs_per_s"] if legacy["recorded_runs_per_s"] else None
+    x = (
+        ours["recorded_runs_per_s"] / legacy["recorded_runs_per_s"]
+        if legacy["recorded_runs_per_s"]
+        else None
+    )
     targets.append(
         Target(
             "3",
@@ -286,9 +311,7 @@ def scenario4(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
             t = _per_run(run, job, n, repeats, before)
             s = data_statements(STATEMENTS.stop())
             results[label] = t
-            stmts[label] = round(
-                len([x for x in s if x.area == "history"]) / (n * repeats), 2
-            )
+            stmts[label] = round(len([x for x in s if x.area == "history"]) / (n * repeats), 2)
             TRACING.use_sdk(True)
             rows.append(
                 Row(
@@ -320,13 +343,24 @@ def scenario4(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     }
     rows.append(Row("4", "overhead over bare (medians)", OURS, split))
     rows.append(
-        Row("4", "overhead over bare (medians)", LEGACY,
-            {"total_ms": split["dja_0.7_total_ms"], "note": "all of it is database work"})
+        Row(
+            "4",
+            "overhead over bare (medians)",
+            LEGACY,
+            {"total_ms": split["dja_0.7_total_ms"], "note": "all of it is database work"},
+        )
     )
     rows.append(Row("4", "overhead over bare (medians)", BARE, {"total_ms": 0.0}))
     ratios.append(
-        Ratio("4", "overhead over bare", "total_ms", split["total_ms"],
-              split["dja_0.7_total_ms"], LEGACY, "lower")
+        Ratio(
+            "4",
+            "overhead over bare",
+            "total_ms",
+            split["total_ms"],
+            split["dja_0.7_total_ms"],
+            LEGACY,
+            "lower",
+        )
     )
     targets.append(
         Target(

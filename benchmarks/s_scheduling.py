@@ -36,10 +36,12 @@ def _latencies(statements: list[Any]) -> dict[tuple[str, str], list[float]]:
     return dict(sorted(out.items()))
 
 
-def _one_run(subject: str, n: int, interval: float, seconds: float) -> dict[str, Any]:
+def _one_run(
+    subject: str, n: int, interval: float, seconds: float, lead: float = 3.0
+) -> dict[str, Any]:
     with subject_database(subject) as journal:
         clear_tables(subject)
-        running = Running(subject, n, interval)
+        running = Running(subject, n, interval, lead)
         running.start()
         STATEMENTS.start()
         c_start = time.time()
@@ -98,7 +100,7 @@ def scenario1(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     n, interval, seconds = 100, 0.5, cfg.sustained_seconds
     results = {}
     for subject in (BARE, LEGACY, OURS):
-        r = _one_run(subject, n, interval, seconds)
+        r = _one_run(subject, n, interval, seconds, cfg.lead_seconds)
         stmts = data_statements(r.pop("_statements"))
         runs = r.pop("_runs") or 1
         r.pop("_window")
@@ -119,7 +121,8 @@ def scenario1(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     targets.append(
         Target(
             "1",
-            "every fire time recorded exactly once, scheduler thread alive, start delay p99 < 50 ms",
+            "every fire time recorded exactly once, scheduler thread alive, "
+            "start delay p99 < 50 ms",
             ok,
             f"obs: {ours['recorded_once']}/{ours['expected']} recorded once, "
             f"{ours['missing']} missing, {ours['duplicates']} duplicates, thread alive: "
@@ -142,7 +145,7 @@ def scenario2(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     n, interval, seconds = 10, 0.5, cfg.statements_seconds
     results = {}
     for subject in (BARE, LEGACY, OURS):
-        r = _one_run(subject, n, interval, seconds)
+        r = _one_run(subject, n, interval, seconds, cfg.lead_seconds)
         statements = r.pop("_statements")
         runs = r.pop("_runs") or 1
         window = r.pop("_window") or 1
@@ -151,7 +154,9 @@ def scenario2(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
         tx = sum(1 for s in statements if s.area == "tx")
         session = sum(1 for s in statements if s.area == "session")
         hist = sum(v for (area, _), v in by.items() if area == "history")
-        store_read = sum(v for (area, verb), v in by.items() if area == "jobstore" and verb == "SELECT")
+        store_read = sum(
+            v for (area, verb), v in by.items() if area == "jobstore" and verb == "SELECT"
+        )
         store_write = sum(
             v for (area, verb), v in by.items() if area == "jobstore" and verb != "SELECT"
         )

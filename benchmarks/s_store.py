@@ -107,8 +107,12 @@ def measure_store(subject: str, n: int, cfg: Any) -> dict[str, Any]:
     load_s = time.perf_counter() - t0
     adds = cfg.store_adds
     new_jobs = [
-        make_job(scheduler, "benchmarks.jobs:noop", f"add-{i:06d}",
-                 next_run_time=BASE + timedelta(seconds=n // 2 + i + 0.5))
+        make_job(
+            scheduler,
+            "benchmarks.jobs:noop",
+            f"add-{i:06d}",
+            next_run_time=BASE + timedelta(seconds=n // 2 + i + 0.5),
+        )
         for i in range(adds)
     ]
     STATEMENTS.start()
@@ -172,9 +176,15 @@ def scenario5(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
             ours = results[(OURS, n)][metric]
             legacy = results[(LEGACY, n)][metric]
             ratios.append(
-                Ratio("5", f"{n:,} jobs", metric,
-                      ours["median"] if isinstance(ours, dict) else ours,
-                      legacy["median"] if isinstance(legacy, dict) else legacy, LEGACY, "lower")
+                Ratio(
+                    "5",
+                    f"{n:,} jobs",
+                    metric,
+                    ours["median"] if isinstance(ours, dict) else ours,
+                    legacy["median"] if isinstance(legacy, dict) else legacy,
+                    LEGACY,
+                    "lower",
+                )
             )
     # RSS of a whole scheduler process holding the largest store (jobs stay in the table).
     n = max(cfg.store_sizes)
@@ -190,8 +200,15 @@ def scenario5(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
         rows.append(Row("5", f"scheduler process, {n:,} jobs", subject, r))
     if "rss_mib" in rss[OURS] and "rss_mib" in rss[LEGACY]:
         ratios.append(
-            Ratio("5", f"scheduler process, {n:,} jobs", "rss_mib", rss[OURS]["rss_mib"],
-                  rss[LEGACY]["rss_mib"], LEGACY, "lower")
+            Ratio(
+                "5",
+                f"scheduler process, {n:,} jobs",
+                "rss_mib",
+                rss[OURS]["rss_mib"],
+                rss[LEGACY]["rss_mib"],
+                LEGACY,
+                "lower",
+            )
         )
     sizes = sorted(cfg.store_sizes)
     worse = []
@@ -207,8 +224,12 @@ def scenario5(cfg: Any) -> tuple[list[Row], list[Ratio], list[Target]]:
     elif "rss_mib" in rss[LEGACY] and rss[OURS]["rss_mib"] > rss[LEGACY]["rss_mib"] * 1.2:
         worse.append(f"RSS {rss[OURS]['rss_mib']} vs {rss[LEGACY]['rss_mib']} MiB")
     targets.append(
-        Target("5", "job store no worse than 0.7 (each operation, each size; RSS)", not worse,
-               "; ".join(worse) or "holds")
+        Target(
+            "5",
+            "job store no worse than 0.7 (each operation, each size; RSS)",
+            not worse,
+            "; ".join(worse) or "holds",
+        )
     )
     if len(sizes) >= 2:
         lo, hi = sizes[0], sizes[-1]
