@@ -84,6 +84,12 @@ class Settings:
         """Sign stored job state with SECRET_KEY and refuse tampered rows (recommended)."""
         return getattr(settings, "APSCHEDULER_SIGN_JOB_STATE", True)
 
+    @property
+    def WORKER_CONN_MAX_AGE(self) -> float | None:
+        """Seconds a job worker keeps its database connection (``None``: for its life);
+        independent of ``CONN_MAX_AGE``, which is about requests."""
+        return getattr(settings, "APSCHEDULER_WORKER_CONN_MAX_AGE", 600)
+
     # -- execution history -------------------------------------------------------------------
 
     @property

@@ -330,11 +330,17 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
     @retry_on_db_operational_error
     def add_job(self, job: Job) -> None:
         try:
+            # bulk_create sends no post_save: the one change-counter bump below names our
+            # group (the signal's receiver only knows the default one).
             with transaction.atomic():
-                DjangoJob.objects.create(
-                    id=job.id,
-                    next_run_time=get_django_internal_datetime(job.next_run_time),
-                    job_state=self._dumps(job),
+                DjangoJob.objects.bulk_create(
+                    [
+                        DjangoJob(
+                            id=job.id,
+                            next_run_time=get_django_internal_datetime(job.next_run_time),
+                            job_state=self._dumps(job),
+                        )
+                    ]
                 )
         except IntegrityError:
             raise ConflictingIdError(job.id) from None
@@ -413,7 +419,7 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
                     return
                 qs = qs.filter(Exists(self._fence_qs(*fence)))
             try:
-                deleted = qs.delete()[0]
+                deleted = qs._raw_delete(qs.db)  # no signal: the leader needs no wakeup
             except DatabaseError:
                 logger.warning("Could not remove finished job %r", job_id, exc_info=True)
                 reset_connection()
@@ -429,12 +435,14 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
 
     @retry_on_db_operational_error
     def _delete(self, job_id: str) -> int:
-        return DjangoJob.objects.filter(id=job_id).delete()[0]
+        qs = DjangoJob.objects.filter(id=job_id)
+        return int(qs._raw_delete(qs.db))  # one bump (with our group) instead of a signal
 
     @retry_on_db_operational_error
     def remove_all_jobs(self) -> None:
         # Unlike 0.7, the execution history is kept: cleanup prunes it by age.
-        DjangoJob.objects.all().delete()
+        qs = DjangoJob.objects.all()
+        qs._raw_delete(qs.db)  # one bump below, not one signal per job
         self._versions.clear()
         transaction.on_commit(lambda: bump_change_counter(self._group))
 

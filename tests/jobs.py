@@ -80,3 +80,14 @@ def fail_with_secret_args(*args: object, **kwargs: object) -> None:
 
 def accept_anything(*args: object, **kwargs: object) -> None:
     """Takes any arguments (property tests declare jobs with random ones)."""
+
+
+connections_seen: list[object] = []
+
+
+def note_connection() -> None:
+    """Records which database connection the worker thread used for this run."""
+    from django.db import connection
+
+    connection.ensure_connection()
+    connections_seen.append(connection.connection)  # kept alive: ids are not reused

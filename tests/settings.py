@@ -64,4 +64,6 @@ else:
     DATABASES["default"]["TEST"] = {"NAME": f"test_dao_{_suffix}"}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 STATIC_URL = "/static/"
+# Workers close their connection after each run, so no session outlives a test.
+APSCHEDULER_WORKER_CONN_MAX_AGE = 0
 APSCHEDULER_AUTODISCOVER = False

@@ -238,3 +238,20 @@ def test_observed_executor_by_plugin_alias_with_a_plain_scheduler():
     assert row.start_delay >= 2
     assert row.duration < Decimal("1")
     assert not getattr(scheduler, "_django_apscheduler_obs_listeners", False)
+
+
+@pytest.mark.parametrize(("max_age", "reused"), [(None, True), (0, False)])
+@pytest.mark.django_db(transaction=True)
+def test_workers_keep_their_connection_between_runs(make_runtime, settings, max_age, reused):
+    """A new connection per run would cost more than the run (a PostgreSQL backend fork)."""
+    settings.APSCHEDULER_WORKER_CONN_MAX_AGE = max_age
+    jobs.connections_seen.clear()
+    rt = make_runtime(max_workers=1)
+    for n in range(2):
+        rt.scheduler.add_job(
+            "tests.jobs:note_connection", "date", run_date=datetime.now(timezone.utc),
+            id=f"conn{n}",
+        )  # fmt: skip
+        rt.events.wait(RUN_EVENTS, f"conn{n}")
+    assert len(jobs.connections_seen) == 2
+    assert (jobs.connections_seen[0] is jobs.connections_seen[1]) is reused
