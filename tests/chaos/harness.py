@@ -126,6 +126,9 @@ class Audit:
     duplicated_fire_times: int
     gaps: list[str]  # fire times with no ledger row and no abandoned execution
     abandoned_gaps: list[str]  # fire times with no ledger row whose execution is abandoned
+    # Ran once, but the job's own ledger write failed because the database went away (the
+    # PostgreSQL restart): recorded Error! with the driver's error. Not a scheduler gap.
+    failed_gaps: list[str]
     abandoned_rows: int
     statuses: dict[str, int]
     unfinished: list[str]  # execution rows still "running" (claimed; their process stopped)
@@ -520,23 +523,31 @@ class Cluster:
         rows_ = _db_retry(
             lambda: list(
                 DjangoJobExecution.objects.filter(job_id__in=job_ids).values_list(
-                    "job_id", "run_time", "status", "owner", "epoch"
+                    "job_id", "run_time", "status", "owner", "epoch", "error_type"
                 )
             )
         )
-        executions = {(job, rt.astimezone(UTC)): status for job, rt, status, _, _ in rows_}
+        executions = {(job, rt.astimezone(UTC)): status for job, rt, status, *_ in rows_}
+        db_failures = {
+            (job, rt.astimezone(UTC))
+            for job, rt, status, _, _, error_type in rows_
+            if status == DjangoJobExecution.ERROR
+            and error_type.rsplit(".", 1)[-1] in ("OperationalError", "InterfaceError")
+        }
         unfinished = [
             f"{job}@{rt.astimezone(UTC).isoformat()} owner={owner} epoch={epoch} "
             f"ledger={counts.get((job, rt.astimezone(UTC)), 0)}"
-            for job, rt, status, owner, epoch in rows_
+            for job, rt, status, owner, epoch, _ in rows_
             if status == DjangoJobExecution.SENT
         ]
-        gaps, abandoned_gaps = [], []
+        gaps, abandoned_gaps, failed_gaps = [], [], []
         for key in expected:
             if counts.get(key, 0) == 0:
                 label = f"{key[0]}@{key[1].isoformat()}={executions.get(key, 'no row')}"
                 if executions.get(key) == DjangoJobExecution.ABANDONED:
                     abandoned_gaps.append(label)
+                elif key in db_failures:
+                    failed_gaps.append(label)
                 else:
                     gaps.append(label)
         return Audit(
@@ -549,6 +560,7 @@ class Cluster:
             duplicated_fire_times=sum(1 for n in counts.values() if n > 1),
             gaps=gaps,
             abandoned_gaps=abandoned_gaps,
+            failed_gaps=failed_gaps,
             abandoned_rows=sum(1 for s in executions.values() if s == DjangoJobExecution.ABANDONED),
             statuses=dict(Counter(executions.values())),
             unfinished=unfinished,
