@@ -81,7 +81,7 @@ def test_series_exist_at_zero_when_a_job_is_added_and_go_when_it_is_removed(make
     for reason in ("misfire", "max_instances", "coalesced"):
         assert value(rt, "apscheduler_job_skipped_runs_total", job_id="fresh", reason=reason) == 0
     assert (
-        value(rt, "apscheduler_job_run_duration_seconds_count", job_id="fresh", outcome="error")
+        value(rt, "apscheduler_job_run_duration_seconds_count", job_id="fresh", outcome="success")
         == 0
     )
     rt.scheduler.remove_job("fresh")
