@@ -15,6 +15,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from typing import Any
 
 import prometheus_client
@@ -184,7 +185,9 @@ class Command(OneLineErrorCommand):
             f"Scheduler running as {runtime.lease.identity}.{where} Press Ctrl-C to stop."
         )
         self.stdout.flush()
-        while not stop.wait(3600):
+        # Short waits: a signal the kernel delivers to another thread sets Python's flag but
+        # does not interrupt a long lock wait here, so the handler would run only at timeout.
+        while not stop.wait(0.5):
             pass
 
         logger.info(
@@ -218,7 +221,9 @@ class Command(OneLineErrorCommand):
                 problem,
                 delay,
             )
-            stop.wait(delay)
+            deadline = time.monotonic() + delay
+            while not stop.is_set() and time.monotonic() < deadline:
+                stop.wait(0.5)  # short waits, as in handle(): signals are seen promptly
             delay = min(delay * 2, 30.0)
         return False
 
