@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -299,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.markdown, "w") as f:
             f.write("\n".join(tables(rows, markdown=True) + summary(ratios, targets, True)))
             f.write("\n")
+    if os.environ.get("BENCH_SQLITE_DIR_OWNED"):
+        from django.db import connections
+
+        connections.close_all()
+        shutil.rmtree(os.environ["BENCH_SQLITE_DIR"], ignore_errors=True)
     return 1 if failures else 0
 
 

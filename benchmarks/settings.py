@@ -58,8 +58,10 @@ DB_NAME = os.environ.get("BENCH_DB_NAME", "dao_bench")
 _conn_max_age = os.environ.get("BENCH_CONN_MAX_AGE", "0")
 CONN_MAX_AGE = None if _conn_max_age in ("none", "None", "") else int(_conn_max_age)
 if DB_KIND == "sqlite":
-    _dir = Path(os.environ.get("BENCH_SQLITE_DIR") or tempfile.mkdtemp(prefix="dao-bench-"))
-    os.environ["BENCH_SQLITE_DIR"] = str(_dir)  # subprocesses (RSS) open the same file
+    if not os.environ.get("BENCH_SQLITE_DIR"):
+        os.environ["BENCH_SQLITE_DIR"] = tempfile.mkdtemp(prefix="dao-bench-")
+        os.environ["BENCH_SQLITE_DIR_OWNED"] = "1"  # python -m benchmarks removes it at exit
+    _dir = Path(os.environ["BENCH_SQLITE_DIR"])  # subprocesses (RSS) open the same file
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
