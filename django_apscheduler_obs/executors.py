@@ -36,16 +36,15 @@ from apscheduler.events import (
 )
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
-from django import db
 from opentelemetry.trace import TracerProvider
 
-from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.jobstores import request_replay
 from django_apscheduler_obs.lease import freeze_point, unsafe_no_claim
 from django_apscheduler_obs.models import DjangoJobExecution
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
 from django_apscheduler_obs.sinks import tracing
 from django_apscheduler_obs.sinks.history import Claim, HistorySink
+from django_apscheduler_obs.util import recycle_worker_connections
 
 if TYPE_CHECKING:
     from django_apscheduler_obs.lease import Lease
@@ -226,24 +225,6 @@ def observed_run_job(
     finally:
         recycle_worker_connections()
     return events
-
-
-def recycle_worker_connections() -> None:
-    """``close_old_connections`` for a pool worker, with its own age limit.
-
-    A request closes its connection under Django's default ``CONN_MAX_AGE = 0``; a pool of a
-    few long-lived workers doing hundreds of runs a second must not (a new PostgreSQL backend
-    per run costs more than the run). Workers keep a connection for
-    ``APSCHEDULER_WORKER_CONN_MAX_AGE`` seconds; broken ones are closed as usual.
-    """
-    max_age = conf.WORKER_CONN_MAX_AGE
-    for conn in db.connections.all(initialized_only=True):
-        if conn.connection is not None and getattr(conn, "_dao_connection", None) is not (
-            conn.connection
-        ):
-            conn._dao_connection = conn.connection  # type: ignore[attr-defined]
-            conn.close_at = None if max_age is None else time.monotonic() + max_age
-        conn.close_if_unusable_or_obsolete()
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from django_apscheduler_obs.util import (
     DbNow,
     get_apscheduler_datetime,
     get_django_internal_datetime,
+    recycle_worker_connections,
     reset_connection,
     retry_on_db_operational_error,
 )
@@ -107,8 +108,9 @@ def guard_scheduler_loop(scheduler: BaseScheduler) -> None:
                 reset_connection()
                 return retry
             finally:
-                # Like the end of a request: honours CONN_MAX_AGE, drops a broken connection.
-                db.close_old_connections()
+                # Like the end of a request, but the loop keeps its connection between passes
+                # (APSCHEDULER_WORKER_CONN_MAX_AGE); a broken one is dropped.
+                recycle_worker_connections()
 
     scheduler._process_jobs = guarded_process_jobs
 
@@ -277,7 +279,14 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             .order_by("next_run_time")
             .values("next_run_time")[:1]
         )
-        rows = self._rows(Q(next_run_time__lte=now_db) | Q(next_run_time=Subquery(earliest_future)))
+        # No ORDER BY on the OR: SQLite would walk the whole index for it (O(n) per wakeup
+        # with nothing due); the few rows are sorted here.
+        rows = sorted(
+            self._rows(
+                Q(next_run_time__lte=now_db) | Q(next_run_time=Subquery(earliest_future))
+            ).order_by(),
+            key=lambda row: row[3],
+        )
         jobs, pass_ = [], _Pass()
         for job_id, job_state, version, next_run_time in rows:
             if next_run_time > now_db:  # not due: only its time is wanted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import datetime
 from functools import wraps
@@ -98,6 +99,26 @@ def reset_connection(using: str = "default") -> None:
         conn.close()
     except Exception:  # the socket may already be gone
         conn.connection = None
+
+
+def recycle_worker_connections() -> None:
+    """``close_old_connections`` for a pool worker, with its own age limit.
+
+    A request closes its connection under Django's default ``CONN_MAX_AGE = 0``; a pool of a
+    few long-lived workers doing hundreds of runs a second must not (a new PostgreSQL backend
+    per run costs more than the run). Workers keep a connection for
+    ``APSCHEDULER_WORKER_CONN_MAX_AGE`` seconds; broken ones are closed as usual.
+    """
+    from django_apscheduler_obs.conf import conf
+
+    max_age = conf.WORKER_CONN_MAX_AGE
+    for conn in db.connections.all(initialized_only=True):
+        if conn.connection is not None and getattr(conn, "_dao_connection", None) is not (
+            conn.connection
+        ):
+            conn._dao_connection = conn.connection  # type: ignore[attr-defined]
+            conn.close_at = None if max_age is None else time.monotonic() + max_age
+        conn.close_if_unusable_or_obsolete()
 
 
 class DbNow(Func):
