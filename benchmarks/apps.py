@@ -8,11 +8,10 @@ class BenchmarksConfig(AppConfig):
     label = "benchmarks"
 
     def ready(self) -> None:
-        # django-apscheduler 0.7 and this package both name their unique constraint
-        # "unique_job_executions". PostgreSQL and SQLite keep index names per schema, so the
-        # two apps cannot be migrated into one database as shipped. The benchmark creates 0.7's
-        # tables from its models (MIGRATION_MODULES = None, see settings.py) under a renamed
-        # constraint: same columns, same indexes, same code, one different name.
+        # The benchmark creates 0.7's tables from its models (MIGRATION_MODULES = None, see
+        # settings.py). Its constraint is renamed because this package once used the same name
+        # ("unique_job_executions"; index names are per schema); harmless now that ours is
+        # "dao_exec_unique_job_run_time". Same columns, same indexes, same code.
         from django_apscheduler.models import DjangoJobExecution
 
         for constraint in DjangoJobExecution._meta.constraints:
