@@ -282,44 +282,28 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
             report["unchanged"].append(spec.id)
             continue
         common: dict[str, Any] = {"args": spec.args, "kwargs": spec.kwargs, **spec.options}
-        if broken and old is not None and old[:32] == digest[:32]:
+
+        def store(spec: JobSpec = spec, common: dict[str, Any] = common, **extra: Any) -> None:
+            scheduler.add_job(spec.func, spec.trigger, id=spec.id, jobstore=jobstore,
+                              replace_existing=True, **{**common, **extra})  # fmt: skip
+
+        same_trigger = old is not None and old[:32] == digest[:32]
+        if broken and same_trigger:
+            # Rewrite the unrestorable state from its declaration; keep its next run time.
             next_run_time = rows[spec.id][1]
             if next_run_time is not None and next_run_time.tzinfo is None:
                 next_run_time = next_run_time.replace(tzinfo=scheduler.timezone)
-            scheduler.add_job(
-                spec.func,
-                spec.trigger,
-                id=spec.id,
-                jobstore=jobstore,
-                replace_existing=True,
-                **{"next_run_time": next_run_time, **common},
-            )
+            store(next_run_time=next_run_time)
             report["updated"].append(spec.id)
         elif old is None:
-            scheduler.add_job(
-                spec.func,
-                spec.trigger,
-                id=spec.id,
-                jobstore=jobstore,
-                replace_existing=True,
-                **common,
-            )
+            store()
             report["added"].append(spec.id)
+        elif same_trigger:
+            scheduler.modify_job(spec.id, jobstore, func=spec.func, **common)
+            report["updated"].append(spec.id)
         else:
-            same_trigger = not broken and old[:32] == digest[:32]
-            if same_trigger:
-                scheduler.modify_job(spec.id, jobstore, func=spec.func, **common)
-                report["updated"].append(spec.id)
-            else:
-                scheduler.add_job(
-                    spec.func,
-                    spec.trigger,
-                    id=spec.id,
-                    jobstore=jobstore,
-                    replace_existing=True,
-                    **common,
-                )
-                report["rescheduled"].append(spec.id)
+            store()
+            report["rescheduled"].append(spec.id)
         DjangoJob.objects.filter(id=spec.id).update(definition_hash=digest, restore_error="")
     if conf.REMOVE_UNDECLARED_JOBS:
         for job_id, digest in stored.items():
