@@ -78,6 +78,9 @@ class HistorySink:
         self.metrics = metrics
         self._pending: collections.deque[tuple[str, Callable[[], None]]] = collections.deque()
         self._lock = threading.Lock()
+        # One writer of the buffer at a time: ``close()`` and the flusher thread must not
+        # both replay the same entry (a replay after its row was pruned would re-create it).
+        self._flush_lock = threading.Lock()
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopped = False
@@ -270,8 +273,16 @@ class HistorySink:
     def pending(self) -> int:
         return len(self._pending)
 
-    def flush(self) -> bool:
+    def flush(self, timeout: float = -1) -> bool:
         """Write what is buffered, oldest first; stop at the first failure. True if empty."""
+        if not self._flush_lock.acquire(timeout=timeout):
+            return not self._pending
+        try:
+            return self._flush()
+        finally:
+            self._flush_lock.release()
+
+    def _flush(self) -> bool:
         while True:
             with self._lock:
                 if not self._pending:
@@ -314,12 +325,16 @@ class HistorySink:
 
     def close(self, timeout: float = 5.0) -> None:
         """On shutdown: one last attempt; what cannot be written is logged, not dropped."""
+        with self._lock:
+            self._stopped = True
+            flusher = self._flusher
         self._wake.set()
-        if not self.flush():
+        if flusher is not None and flusher is not threading.current_thread():
+            flusher.join(timeout)
+        if not self.flush(timeout):
             logger.error(
                 "%d execution history write(s) could not be saved before exit", len(self._pending)
             )
-        self._stopped = True
 
     def _count_error(self, operation: str) -> None:
         if self.metrics:
