@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from django_apscheduler_obs import signing, triggers
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution
+from django_apscheduler_obs.sinks.metrics import OTHER_JOB
 from django_apscheduler_obs.util import reset_connection
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 PREFIX = "apscheduler"
 STATES = {STATE_STOPPED: "stopped", STATE_RUNNING: "running", STATE_PAUSED: "paused"}
+JOB_STATES = ("scheduled", "paused", "unrestorable")
 
 
 @dataclass
@@ -56,6 +58,11 @@ class JobView:
     coalesce: bool = True
     misfire_grace: float | None = None
     expected_interval: float | None = None
+    restore_error: bool = False  # the job store could not restore it (see DjangoJob)
+
+    @property
+    def usable(self) -> bool:
+        return self.restorable and not self.restore_error
 
 
 def _job_view(job: Job, version: int, registered: float, jobstore: str) -> JobView:
@@ -78,14 +85,28 @@ def _job_view(job: Job, version: int, registered: float, jobstore: str) -> JobVi
 
 
 class JobCatalog:
-    """A cached view of the stored jobs; at most one table read per ``ttl`` seconds."""
+    """A cached view of the stored jobs; at most one table read per ``ttl`` seconds.
+
+    Only jobs accepted by ``keep`` (those with their own metric series) are unpickled and held
+    as a ``JobView``; the others are only counted. Holding a full view of each of 100,000
+    stored jobs cost ~180 MiB for series that are folded into one label anyway. The table is
+    read in primary-key pages, so a refresh never holds every row at once either.
+    """
+
+    PAGE = 5_000
 
     def __init__(
-        self, ttl: float = 5.0, on_change: Callable[[set[str], set[str]], None] | None = None
+        self,
+        ttl: float = 5.0,
+        on_change: Callable[[set[str], set[str]], None] | None = None,
+        keep: Callable[[str], bool] | None = None,
     ) -> None:
         self.ttl = ttl
         self.on_change = on_change
+        self.keep = keep
         self._views: dict[str, JobView] = {}
+        self._ids: set[str] = set()
+        self._counts = dict.fromkeys(JOB_STATES, 0)
         self._loaded_at = 0.0
         self._lock = threading.Lock()
 
@@ -93,40 +114,82 @@ class JobCatalog:
         self._loaded_at = 0.0
 
     def views(self) -> list[JobView]:
+        """The kept jobs (all jobs when ``keep`` is not set)."""
         with self._lock:
-            if time.monotonic() - self._loaded_at >= self.ttl:
-                try:
-                    self._refresh()
-                except DatabaseError:
-                    reset_connection()  # keep serving the last known view
+            self._maybe_refresh()
             return list(self._views.values())
 
-    def _refresh(self) -> None:
-        rows = list(
-            DjangoJob.objects.values_list(
-                "id", "version", "next_run_time", "registered_at", "restore_error"
+    def job_ids(self) -> set[str]:
+        with self._lock:
+            self._maybe_refresh()
+            return set(self._ids)
+
+    def counts(self) -> dict[str, int]:
+        """Stored jobs by state (scheduled, paused, unrestorable), kept or not."""
+        with self._lock:
+            self._maybe_refresh()
+            return dict(self._counts)
+
+    def _maybe_refresh(self) -> None:
+        if time.monotonic() - self._loaded_at >= self.ttl:
+            try:
+                self._refresh()
+            except DatabaseError:
+                reset_connection()  # keep serving the last known view
+
+    def _rows(self) -> Iterator[tuple[str, int, Any, Any, str]]:
+        last = None
+        while True:
+            qs = DjangoJob.objects.order_by("id")
+            if last is not None:
+                qs = qs.filter(id__gt=last)
+            page = list(
+                qs.values_list("id", "version", "next_run_time", "registered_at", "restore_error")[
+                    : self.PAGE
+                ]
             )
-        )
-        stale = [r[0] for r in rows if r[0] not in self._views or self._views[r[0]].version != r[1]]
-        states = (
-            dict(DjangoJob.objects.filter(id__in=stale).values_list("id", "job_state"))
-            if stale
-            else {}
-        )
+            yield from page
+            if len(page) < self.PAGE:
+                return
+            last = page[-1][0]
+
+    def _refresh(self) -> None:
         views: dict[str, JobView] = {}
-        for job_id, version, next_run, registered, restore_error in rows:
+        ids: set[str] = set()
+        counts = dict.fromkeys(JOB_STATES, 0)
+        stale: dict[str, tuple[int, float]] = {}
+        for job_id, version, next_run, registered, restore_error in self._rows():
+            ids.add(job_id)
+            if self.keep is not None and not self.keep(job_id):
+                state = "unrestorable" if restore_error else "paused" if next_run is None else ""
+                counts[state or "scheduled"] += 1
+                continue
             view = self._views.get(job_id)
             if view is None or view.version != version:
-                view = self._load(job_id, version, registered.timestamp(), states.get(job_id))
-            if restore_error:
-                view.restorable = False
+                stale[job_id] = (version, registered.timestamp())
+                view = JobView(job_id, version, None, registered.timestamp(), restorable=False)
             view.next_run = next_run.timestamp() if next_run else None
+            view.restore_error = bool(restore_error)
             views[job_id] = view
-        before, after = set(self._views), set(views)
-        self._views = views
+        stale_ids = list(stale)
+        for i in range(0, len(stale_ids), self.PAGE):
+            chunk = stale_ids[i : i + self.PAGE]
+            states = dict(DjangoJob.objects.filter(id__in=chunk).values_list("id", "job_state"))
+            for job_id in chunk:
+                old = views[job_id]
+                new = self._load(job_id, *stale[job_id], states.get(job_id))
+                new.next_run, new.restore_error = old.next_run, old.restore_error
+                views[job_id] = new
+        for view in views.values():
+            if not view.usable:
+                counts["unrestorable"] += 1
+            else:
+                counts["paused" if view.next_run is None else "scheduled"] += 1
+        before = self._ids
+        self._views, self._ids, self._counts = views, ids, counts
         self._loaded_at = time.monotonic()
-        if self.on_change and before != after:
-            self.on_change(after - before, before - after)
+        if self.on_change and before != ids:
+            self.on_change(ids - before, before - ids)
 
     def _load(self, job_id: str, version: int, registered: float, state: Any) -> JobView:
         try:
@@ -184,17 +247,10 @@ class SchedulerCollector(Collector):
                 "coalesce",
             ],
         )
-        counts = {"scheduled": 0, "paused": 0, "unrestorable": 0}
-        seen: set[str] = set()
         for v in views:
-            if not v.restorable:
-                counts["unrestorable"] += 1
-                continue
-            counts["paused" if v.next_run is None else "scheduled"] += 1
             lv = label(v.id)
-            if lv in seen:  # jobs folded into "_other" report aggregate counts only
+            if not v.usable or lv == OTHER_JOB:  # folded jobs are only counted
                 continue
-            seen.add(lv)
             paused.add_metric([lv], 1.0 if v.next_run is None else 0.0)
             registered.add_metric([lv], v.registered)
             if v.next_run is not None:
@@ -222,7 +278,7 @@ class SchedulerCollector(Collector):
         yield from (next_run, paused, interval, grace, max_runtime, registered, info)
 
         jobs = GaugeMetricFamily(f"{PREFIX}_jobs", "Stored jobs by state.", labels=["state"])
-        for state, n in counts.items():
+        for state, n in rt.catalog.counts().items():
             jobs.add_metric([state], n)
         yield jobs
 

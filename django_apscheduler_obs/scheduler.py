@@ -37,7 +37,7 @@ from django_apscheduler_obs.models import DjangoJobExecution
 from django_apscheduler_obs.registry import registry as job_registry
 from django_apscheduler_obs.registry import sync_jobs
 from django_apscheduler_obs.sinks.history import HistorySink
-from django_apscheduler_obs.sinks.metrics import SchedulerMetrics
+from django_apscheduler_obs.sinks.metrics import OTHER_JOB, SchedulerMetrics
 from django_apscheduler_obs.util import reset_connection
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,8 @@ def build_scheduler(
         timezone=conf.TIMEZONE,
         jobstore_retry_interval=1,
     )
-    catalog = JobCatalog()
+    # Jobs beyond the series cap are only counted, not described: memory stays flat.
+    catalog = JobCatalog(keep=lambda job_id: metrics.label(job_id) != OTHER_JOB)
 
     runtime_ref: list[SchedulerRuntime] = []
 

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from django_apscheduler_obs.collectors import JobCatalog
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord
 from django_apscheduler_obs.sinks.metrics import OTHER_ERROR, OTHER_JOB, SchedulerMetrics
@@ -287,6 +288,32 @@ def test_collector_describes_jobs_from_their_trigger(make_runtime):
     DjangoJob.objects.filter(id="weekday").update(restore_error="ModuleNotFoundError: gone")
     rt.catalog.invalidate()
     assert value(rt, "apscheduler_jobs", state="unrestorable") == 1
+
+
+@db
+def test_jobs_beyond_the_series_cap_are_counted_not_described(make_runtime, settings, monkeypatch):
+    """Memory stays flat with many jobs: only jobs with their own series are unpickled."""
+    settings.APSCHEDULER_MAX_JOB_SERIES = 3  # the heartbeat is one of them
+    monkeypatch.setattr(JobCatalog, "PAGE", 2)  # the table is read in pages
+    rt = make_runtime()
+    for i in range(6):
+        rt.scheduler.add_job("tests.jobs:noop", "interval", hours=1, id=f"j{i}")
+    rt.scheduler.pause_job("j5")
+    # A folded job whose state cannot be restored is counted from its stored error.
+    DjangoJob.objects.filter(id="j4").update(restore_error="ModuleNotFoundError: gone")
+    rt.catalog.invalidate()
+    described = {v.id for v in rt.catalog.views()}
+    assert len(described) == 3 and rt.catalog.job_ids() >= {f"j{i}" for i in range(6)}
+    assert value(rt, "apscheduler_jobs", state="paused") == 1
+    assert value(rt, "apscheduler_jobs", state="unrestorable") == 1
+    assert value(rt, "apscheduler_jobs", state="scheduled") == len(rt.catalog.job_ids()) - 2
+    info = {
+        s.labels["job_id"]
+        for f in rt.registry.collect()
+        if f.name == "apscheduler_job_info"
+        for s in f.samples
+    }
+    assert info == described and OTHER_JOB not in info
 
 
 @db
