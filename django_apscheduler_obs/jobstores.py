@@ -287,12 +287,12 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             ).order_by(),
             key=lambda row: row[3],
         )
-        jobs, pass_ = [], _Pass()
+        jobs, pass_, verify = [], _Pass(), signing.verifier()
         for job_id, job_state, version, next_run_time in rows:
             if next_run_time > now_db:  # not due: only its time is wanted
                 pass_.future = next_run_time
                 continue
-            job = self._restore(job_id, bytes(job_state))
+            job = self._restore(job_id, bytes(job_state), verify)
             if job is not None:
                 self._versions[job_id] = version
                 pass_.due[job_id] = next_run_time
@@ -479,17 +479,21 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
     def _dumps(self, job: Job) -> bytes:
         return signing.sign(pickle.dumps(job.__getstate__(), self.pickle_protocol))
 
-    def _reconstitute_job(self, job_state: bytes) -> Job:
-        state = pickle.loads(signing.verify(job_state))  # noqa: S301 - signed by us
+    def _reconstitute_job(
+        self, job_state: bytes, verify: Callable[[bytes], bytes] = signing.verify
+    ) -> Job:
+        state = pickle.loads(verify(job_state))  # noqa: S301 - signed by us
         job = Job.__new__(Job)
         job.__setstate__(state)
         job._scheduler = self._scheduler
         job._jobstore_alias = self._alias
         return job
 
-    def _restore(self, job_id: str, job_state: bytes) -> Job | None:
+    def _restore(
+        self, job_id: str, job_state: bytes, verify: Callable[[bytes], bytes] = signing.verify
+    ) -> Job | None:
         try:
-            return self._reconstitute_job(job_state)
+            return self._reconstitute_job(job_state, verify)
         except Exception as exc:
             self._flag_unrestorable(job_id, exc)
             return None
@@ -519,11 +523,11 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         )
 
     def _get_jobs(self, **filters: Any) -> list[Job]:
-        jobs = []
+        jobs, verify = [], signing.verifier()
         # Versions are remembered by get_due_jobs only: a listing from another thread must not
         # move the version the leader's next fenced write will check.
         for job_id, job_state, _, _ in self._rows(**filters):
-            job = self._restore(job_id, bytes(job_state))
+            job = self._restore(job_id, bytes(job_state), verify)
             if job is not None:
                 jobs.append(job)
         return jobs

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+from collections.abc import Callable
 
 from django.conf import settings
 
@@ -34,8 +35,9 @@ def _key(secret: str | bytes) -> bytes:
 
 
 def _signature(payload: bytes, secret: str | bytes) -> bytes:
-    # Same value as django.utils.crypto.salted_hmac(_SALT, payload, secret, "sha256").
-    return hmac.new(_key(secret), payload, hashlib.sha256).hexdigest().encode()
+    # Same value as django.utils.crypto.salted_hmac(_SALT, payload, secret, "sha256");
+    # hmac.digest is OpenSSL's one-shot HMAC, several times cheaper than hmac.new per row.
+    return hmac.digest(_key(secret), payload, "sha256").hex().encode()
 
 
 def sign(payload: bytes) -> bytes:
@@ -48,18 +50,36 @@ def is_signed(state: bytes) -> bool:
     return state.startswith(PREFIX)
 
 
+def _unsigned_payload(state: bytes) -> bytes:
+    return state[len(PREFIX) + _SIG_LEN + 1 :] if is_signed(state) else state
+
+
+def verifier() -> Callable[[bytes], bytes]:
+    """``verify`` with the settings read once: for a pass that restores many rows.
+
+    Reading three lazy settings per row cost more than the HMAC itself (profiled on a pass
+    restoring 10,000 due jobs).
+    """
+    if not conf.SIGN_JOB_STATE:
+        return _unsigned_payload
+    keys = [_key(s) for s in [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]]
+    start, end = len(PREFIX), len(PREFIX) + _SIG_LEN
+
+    def verify_state(state: bytes) -> bytes:
+        if not state.startswith(PREFIX) or state[end : end + 1] != b"$":
+            raise BadSignature("job state is not signed")
+        sig, payload = state[start:end], state[end + 1 :]
+        for key in keys:
+            if hmac.compare_digest(sig, hmac.digest(key, payload, "sha256").hex().encode()):
+                return payload
+        raise BadSignature("job state signature does not match SECRET_KEY or its fallbacks")
+
+    return verify_state
+
+
 def verify(state: bytes) -> bytes:
     """The pickled payload of a signed state; raises ``BadSignature`` otherwise."""
-    if not conf.SIGN_JOB_STATE:
-        return state[len(PREFIX) + _SIG_LEN + 1 :] if is_signed(state) else state
-    if not is_signed(state) or state[len(PREFIX) + _SIG_LEN : len(PREFIX) + _SIG_LEN + 1] != b"$":
-        raise BadSignature("job state is not signed")
-    sig = state[len(PREFIX) : len(PREFIX) + _SIG_LEN]
-    payload = state[len(PREFIX) + _SIG_LEN + 1 :]
-    for secret in [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]:
-        if hmac.compare_digest(sig, _signature(payload, secret)):
-            return payload
-    raise BadSignature("job state signature does not match SECRET_KEY or its fallbacks")
+    return verifier()(state)
 
 
 def resign(state: bytes) -> bytes:
