@@ -71,6 +71,50 @@ def _dec(value: float | None) -> Decimal | None:
     return None if value is None else Decimal(f"{value:.6f}")
 
 
+_FINAL_COLUMNS = (
+    "status",
+    "finished",
+    "duration",
+    "started",
+    "start_delay",
+    "exception",
+    "traceback",
+    "error_type",
+    "trace_id",
+    "span_id",
+)
+
+
+_final_update_sql: dict[str, str] = {}  # by database vendor
+
+
+def _final_update_statement(conn: Any) -> str:
+    sql = _final_update_sql.get(conn.vendor)
+    if sql is None:
+        ex, q = DjangoJobExecution._meta, conn.ops.quote_name
+        sets = ", ".join(f"{q(ex.get_field(c).column)} = %s" for c in _FINAL_COLUMNS)  # type: ignore[union-attr]
+        sql = _final_update_sql[conn.vendor] = (
+            f"UPDATE {q(ex.db_table)} SET {sets} "
+            f"WHERE {q('job_id')} = %s AND {q('run_time')} = %s AND {q('owner')} = %s"
+        )
+    return sql
+
+
+def _final_update(job_id: str, run_time: datetime, owner: str, values: dict[str, Any]) -> int:
+    """The final UPDATE of a run, as one statement built once: it runs for every run, and
+    compiling it through the ORM cost about as much as executing it."""
+    conn = connections[_db_alias()]
+    fields = DjangoJobExecution._meta
+    params = [
+        fields.get_field(c).get_db_prep_save(values[c], conn)  # type: ignore[union-attr]
+        for c in _FINAL_COLUMNS
+    ]
+    params += [job_id, conn.ops.adapt_datetimefield_value(run_time), owner]
+    with conn.cursor() as cursor:
+        cursor.execute(_final_update_statement(conn), params)
+        return cursor.rowcount
+
+
 class HistorySink:
     """Writes ``DjangoJobExecution`` rows; never raises into the run path."""
 
@@ -199,10 +243,7 @@ class HistorySink:
 
         def write() -> None:
             rt = get_django_internal_datetime(run_time)
-            n = DjangoJobExecution.objects.filter(job_id=job_id, run_time=rt, owner=owner).update(
-                **values
-            )
-            if n == 0:
+            if _final_update(job_id, rt, owner, values) == 0:
                 # The claimed row is gone (pruned meanwhile, or its INSERT was lost in a
                 # server crash): write the whole row, unless someone else owns it now.
                 with contextlib.suppress(IntegrityError), transaction.atomic(using=_db_alias()):
