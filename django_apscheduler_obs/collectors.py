@@ -350,11 +350,9 @@ class SchedulerCollector(Collector):
         yield size
 
     def _update_lease_gauges(self) -> None:
-        """Read at scrape time: a lease that lapsed while nobody looked must not show 1."""
+        # Leader and remaining TTL are read by the gauges themselves (see build_scheduler).
         rt = self.runtime
         group = rt.lease.group
-        rt.metrics.leader.labels(group).set(1.0 if rt.lease.is_leader() else 0.0)
-        rt.metrics.remaining.labels(group).set(rt.lease.remaining)
         if rt.lease.epoch is not None:
             rt.metrics.epoch.labels(group).set(rt.lease.epoch)
 

@@ -363,52 +363,58 @@ def _run_one(
     )
     key = id(record)
     events: list[JobExecutionEvent] = []
-    with tracing.run_span(info, record, tracer=observer.tracer, traceparent=traceparent) as span:
-        record.started = datetime.now(timezone.utc)
-        record.start_delay = (record.started - run_time).total_seconds()
-        observer.started(info, key, record.started.timestamp())
-        token = current_run.set(CurrentRun(job.id, run_time, trigger_source, record.epoch))
-        run_logger.info('Running job "%s" (scheduled at %s)', job, run_time)
-        t0 = time.perf_counter()
-        try:
-            retval = job.func(*job.args, **job.kwargs)
-        except BaseException:
-            record.duration = time.perf_counter() - t0
-            exc, tb = sys.exc_info()[1:]
-            assert exc is not None
-            record.outcome = Outcome.ERROR
-            record.exception = exc
-            record.traceback = "".join(tb_module.format_tb(tb))
-            run_logger.exception('Job "%s" raised an exception', job)
-            events.append(
-                JobExecutionEvent(
-                    EVENT_JOB_ERROR,
-                    job.id,
-                    jobstore_alias,
-                    run_time,
-                    exception=exc,
-                    traceback=record.traceback,
+    # A run counts as running until its record is written: a graceful stop waits for
+    # running runs, so it must not see this one finished before its row is.
+    try:
+        with tracing.run_span(
+            info, record, tracer=observer.tracer, traceparent=traceparent
+        ) as span:
+            record.started = datetime.now(timezone.utc)
+            record.start_delay = (record.started - run_time).total_seconds()
+            observer.started(info, key, record.started.timestamp())
+            token = current_run.set(CurrentRun(job.id, run_time, trigger_source, record.epoch))
+            run_logger.info('Running job "%s" (scheduled at %s)', job, run_time)
+            t0 = time.perf_counter()
+            try:
+                retval = job.func(*job.args, **job.kwargs)
+            except BaseException:
+                record.duration = time.perf_counter() - t0
+                exc, tb = sys.exc_info()[1:]
+                assert exc is not None
+                record.outcome = Outcome.ERROR
+                record.exception = exc
+                record.traceback = "".join(tb_module.format_tb(tb))
+                run_logger.exception('Job "%s" raised an exception', job)
+                events.append(
+                    JobExecutionEvent(
+                        EVENT_JOB_ERROR,
+                        job.id,
+                        jobstore_alias,
+                        run_time,
+                        exception=exc,
+                        traceback=record.traceback,
+                    )
                 )
-            )
-            tb_module.clear_frames(tb)
-            del tb
-        else:
-            record.duration = time.perf_counter() - t0
-            run_logger.info('Job "%s" executed successfully', job)
-            events.append(
-                JobExecutionEvent(
-                    EVENT_JOB_EXECUTED, job.id, jobstore_alias, run_time, retval=retval
+                tb_module.clear_frames(tb)
+                del tb
+            else:
+                record.duration = time.perf_counter() - t0
+                run_logger.info('Job "%s" executed successfully', job)
+                events.append(
+                    JobExecutionEvent(
+                        EVENT_JOB_EXECUTED, job.id, jobstore_alias, run_time, retval=retval
+                    )
                 )
-            )
-        finally:
-            current_run.reset(token)
-            record.finished = datetime.now(timezone.utc)
-            observer.finished(info, key)
-        try:
-            tracing.finish_span(span, record)
-        except Exception:
-            logger.exception("The tracing sink failed")
-    observer.record(record)
+            finally:
+                current_run.reset(token)
+                record.finished = datetime.now(timezone.utc)
+            try:
+                tracing.finish_span(span, record)
+            except Exception:
+                logger.exception("The tracing sink failed")
+        observer.record(record)
+    finally:
+        observer.finished(info, key)
     return events
 
 

@@ -274,11 +274,10 @@ def build_scheduler(
     runtime_ref: list[SchedulerRuntime] = []
 
     def on_gain(lease: Lease, abandoned: int) -> None:
+        metrics.epoch.labels(lease.group).set(lease.epoch or 0)
         if runtime_ref:  # a standby's last outcomes may be stale: re-read the history
             runtime_ref[0]._seed_metrics()
         metrics.acquisitions.labels(lease.group).inc()
-        metrics.epoch.labels(lease.group).set(lease.epoch or 0)
-        metrics.leader.labels(lease.group).set(1)
         if lease.last_failover_seconds is not None:
             metrics.failover.labels(lease.group).observe(lease.last_failover_seconds)
         if abandoned:
@@ -286,7 +285,6 @@ def build_scheduler(
 
     def on_loss(lease: Lease, reason: str) -> None:
         metrics.losses.labels(lease.group, reason).inc()
-        metrics.leader.labels(lease.group).set(0)
 
     def on_renew(lease: Lease, result: str) -> None:
         metrics.renewals.labels(lease.group, result).inc()
@@ -309,7 +307,10 @@ def build_scheduler(
         change_polling=change_polling,
     )
     g = lease.group
-    metrics.leader.labels(g).set(0)
+    # Read when scraped, from the lease's monotonic deadline: a lease that lapsed while
+    # nobody looked never shows 1, and a scrape right after winning never shows 0.
+    metrics.leader.labels(g).set_function(lambda: 1.0 if lease.is_leader() else 0.0)
+    metrics.remaining.labels(g).set_function(lambda: lease.remaining)
     metrics.epoch.labels(g)
     metrics.acquisitions.labels(g)
     metrics.stale_writes.labels(g)
