@@ -26,6 +26,7 @@ from django_apscheduler_obs.jobstores import DjangoJobStore, DjangoMemoryJobStor
 from django_apscheduler_obs.lease import Lease
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution
 from tests.conftest import EventLog, wait_for
+from tests.dbfail import outage
 
 TZ = ZoneInfo("Europe/Berlin")  # not UTC on purpose: stored times must survive the round trip
 
@@ -474,47 +475,40 @@ def test_unrestorable_due_job_does_not_busy_loop_the_scheduler():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_database_errors_in_update_do_not_kill_a_stock_scheduler(monkeypatch):
+def test_database_errors_in_update_do_not_kill_a_stock_scheduler():
     """The 0.7 way (BackgroundScheduler + DjangoJobStore() + stock executor): APScheduler does not
     catch errors of update_job; a locked database ended 0.7's scheduler thread."""
-    failures = {"left": 3}
-    real_update = QuerySet.update
-
-    def flaky_update(self, **kwargs):
-        if self.model is DjangoJob and failures["left"] > 0:
-            failures["left"] -= 1
-            raise OperationalError("database is locked")
-        return real_update(self, **kwargs)
-
-    monkeypatch.setattr(QuerySet, "update", flaky_update)
     sched = BackgroundScheduler(timezone="UTC", jobstore_retry_interval=0.2)
     sched.add_jobstore(DjangoJobStore(), "default")
     log = EventLog()
     sched.add_listener(log, EVENT_JOB_EXECUTED)
     sched.start()
-    try:
-        sched.add_job(
-            "tests.jobs:noop",
-            "interval",
-            seconds=0.3,
-            id="flaky",
-            next_run_time=datetime.now(timezone.utc),
-        )
-        log.wait(EVENT_JOB_EXECUTED, "flaky", count=5, timeout=15)
-        assert failures["left"] == 0
-        assert sched._thread.is_alive()
-        wait_for(
-            lambda: (
-                DjangoJobExecution.objects.filter(
-                    job_id="flaky", status=DjangoJobExecution.SUCCESS
-                ).count()
-                >= 3
-            ),
-            message="recorded executions",
-        )
-    finally:
-        sched.shutdown(wait=True)
-        connection.close()
+    # Every UPDATE of the job table, whichever way the store builds it.
+    with outage(r"UPDATE \W?django_apscheduler_obs_djangojob\b") as o:
+        o.down, o.remaining = True, 3
+        try:
+            sched.add_job(
+                "tests.jobs:noop",
+                "interval",
+                seconds=0.3,
+                id="flaky",
+                next_run_time=datetime.now(timezone.utc),
+            )
+            log.wait(EVENT_JOB_EXECUTED, "flaky", count=5, timeout=15)
+            assert o.failures == 3
+            assert sched._thread.is_alive()
+            wait_for(
+                lambda: (
+                    DjangoJobExecution.objects.filter(
+                        job_id="flaky", status=DjangoJobExecution.SUCCESS
+                    ).count()
+                    >= 3
+                ),
+                message="recorded executions",
+            )
+        finally:
+            sched.shutdown(wait=True)
+            connection.close()
 
 
 @pytest.mark.django_db(transaction=True)
