@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         **harness.machine_info(),
     }
     print(
-        f"benchmarks on {meta['db_server']}, {meta['nproc']} x {meta['cpu']}, "
+        f"benchmarks on {meta['db_server']}, {meta['nproc']} x {meta['cpu']} "
+        f"(CPU speed {meta['cpu_speed_ms']} ms), "
         f"Python {meta['python']}, {'smoke' if args.smoke else 'full'} run",
         flush=True,
     )

@@ -248,6 +248,21 @@ class Target:
 # -- machine and versions ---------------------------------------------------------------------
 
 
+def cpu_speed_ms() -> float:
+    """A fixed pure-Python workload (10 million additions), median of three, in ms.
+
+    Machines of the same name differ by several times in single-core speed; absolute figures
+    of two runs compare only as far as this one does (ratios within a run always do)."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        times.append(time.perf_counter() - t0)
+    return round(sorted(times)[1] * 1000, 1)
+
+
 def machine_info() -> dict[str, Any]:
     from importlib.metadata import version
 
@@ -275,6 +290,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "nproc": os.cpu_count(),
         "cpu": cpu,
+        "cpu_speed_ms": cpu_speed_ms(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": pkgs,

@@ -45,8 +45,9 @@ def merge(paths: list[str]) -> tuple[dict[str, Any], list[Row], list[Ratio], lis
 def main() -> None:
     meta, rows, ratios, targets = merge(sys.argv[1:])
     pk = meta["packages"]
+    speed = f", CPU speed {meta['cpu_speed_ms']} ms" if meta.get("cpu_speed_ms") else ""
     print(
-        f"Run {meta['date']} on {meta['db_server']}; {meta['nproc']} cores ({meta['cpu']}); "
+        f"Run {meta['date']} on {meta['db_server']}; {meta['nproc']} cores ({meta['cpu']}{speed}); "
         f"Python {meta['python']}, Django {pk['django']}, APScheduler {pk['apscheduler']}, "
         f"django-apscheduler {pk['django-apscheduler']}, django-apscheduler-obs "
         f"{pk['django-apscheduler-obs']} at {meta.get('package_rev') or '?'}; "
