@@ -29,13 +29,17 @@ SUBJECT_TITLES = {
 
 # -- statement counting -----------------------------------------------------------------------
 
+_MAIN_VERB_RE = re.compile(r"\)\s*(SELECT|INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
 _TABLE_RE = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN)\s+[`\"]?([A-Za-z0-9_]+)[`\"]?", re.IGNORECASE)
 
 
 def classify(sql: str) -> tuple[str, str]:
     """(verb, area) of one statement. Areas: jobstore, history, lease, session, tx, other."""
-    text = sql.lstrip()
+    text = sql.lstrip().lstrip("(")  # "(SELECT …) UNION ALL (SELECT …)"
     verb = text.split(None, 1)[0].upper() if text else "?"
+    if verb == "WITH":  # the verb of the main statement, after its CTEs
+        m = _MAIN_VERB_RE.search(text)
+        verb = m.group(1).upper() if m else verb
     if verb in ("SAVEPOINT", "RELEASE", "ROLLBACK", "BEGIN", "COMMIT", "START"):
         return verb, "tx"
     if verb in ("PRAGMA", "SET", "SHOW"):
