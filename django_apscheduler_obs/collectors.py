@@ -161,8 +161,8 @@ class JobCatalog:
         for job_id, version, next_run, registered, restore_error in self._rows():
             ids.add(job_id)
             if self.keep is not None and not self.keep(job_id):
-                state = "unrestorable" if restore_error else "paused" if next_run is None else ""
-                counts[state or "scheduled"] += 1
+                state = "unrestorable" if restore_error else "scheduled" if next_run else "paused"
+                counts[state] += 1
                 continue
             view = self._views.get(job_id)
             if view is None or view.version != version:
