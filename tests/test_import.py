@@ -15,6 +15,7 @@ from io import StringIO
 from typing import Any
 
 import pytest
+from apscheduler.executors.debug import DebugExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from django.conf import settings
 from django.contrib import admin
@@ -68,9 +69,15 @@ def legacy_app() -> Iterator[dict[str, Any]]:
 
 
 def populate_with_07(legacy: dict[str, Any]) -> None:
-    """Jobs and executions written by django-apscheduler 0.7's own code."""
+    """Jobs and executions written by django-apscheduler 0.7's own code.
+
+    Its job store and listener read a row, then write it, in one deferred transaction; on
+    SQLite two such writers fail at once ("database is locked", no busy wait), and 0.7 gives
+    up after one retry. So every 0.7 write here comes from one thread: the jobs run in the
+    scheduler thread (``DebugExecutor``) and the paused job is added paused.
+    """
     old = legacy["models"]
-    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler = BackgroundScheduler(timezone="UTC", executors={"default": DebugExecutor()})
     scheduler.add_jobstore(legacy["jobstores"].DjangoJobStore(), "default")
     now = datetime.now(timezone.utc)
     scheduler.add_job(
@@ -84,10 +91,9 @@ def populate_with_07(legacy: dict[str, Any]) -> None:
     scheduler.add_job(
         "tests.jobs:fail", "interval", minutes=30, id="legacy_fail", next_run_time=now
     )
-    scheduler.add_job("tests.jobs:noop", "cron", hour=3, id="legacy_nightly")
+    scheduler.add_job("tests.jobs:noop", "cron", hour=3, id="legacy_nightly", next_run_time=None)
     scheduler.start()
     try:
-        scheduler.pause_job("legacy_nightly")
         wait_for(
             lambda: (
                 old.DjangoJobExecution.objects.filter(
