@@ -550,7 +550,10 @@ class LeaseKeeper(threading.Thread):
                 self.on_abandoned(n)
 
     def _lose(self, reason: str) -> None:
-        logger.warning("Lost the scheduler lease of group %r (%s)", self.lease.group, reason)
+        if reason == "released":  # a graceful stop: expected, nothing for anyone to look at
+            logger.info("Released the scheduler lease of group %r", self.lease.group)
+        else:
+            logger.warning("Lost the scheduler lease of group %r (%s)", self.lease.group, reason)
         self.lease.epoch = None
         if self.on_loss:
             self.on_loss(self.lease, reason)

@@ -9,6 +9,7 @@ other wait is on a condition.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -460,16 +461,20 @@ def test_keeper_keeps_leading_through_renewal_errors_until_its_deadline(monkeypa
 
 
 @db
-def test_keeper_demotes_at_once_when_taken_over():
+def test_keeper_demotes_at_once_when_taken_over(caplog):
     keeper, wakeup, seen = keeper_for(Lease(ttl=TTL, renew_interval=0.01))
     keeper.step()
     epoch = keeper.lease.epoch
     # Someone else holds it now (the DB says so; our local deadline has not passed yet).
     SchedulerLease.objects.filter(name="default").update(owner="other:1:x", epoch=epoch + 1)
     time.sleep(0.02)
-    keeper.step()
+    with caplog.at_level(logging.INFO, logger="django_apscheduler_obs.lease"):
+        keeper.step()
     assert seen["renew"] == ["lost"] and seen["loss"] == ["taken_over"]
     assert not keeper.lease.is_leader()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "Lost the scheduler lease of group 'default' (taken_over)")
+    ]
 
 
 @db
@@ -652,14 +657,19 @@ def test_gain_marks_runs_of_dead_owners_and_the_sweep_those_that_go_silent():
 
 
 @db
-def test_a_retired_keeper_releases_at_once_keeps_heartbeating_and_never_reacquires():
+def test_a_retired_keeper_releases_at_once_keeps_heartbeating_and_never_reacquires(caplog):
     a_keeper, _, a_seen = keeper_for(Lease(ttl=3))
     a_keeper.heartbeat_interval = 0.05
     a_keeper.step()
     assert a_keeper.lease.is_leader()
     b = Lease(ttl=3)
-    a_keeper.retire()
+    with caplog.at_level(logging.INFO, logger="django_apscheduler_obs.lease"):
+        a_keeper.retire()
     assert a_seen["loss"] == ["released"] and not a_keeper.lease.is_leader()
+    # a graceful stop is no reason for a warning
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "Released the scheduler lease of group 'default'")
+    ]
     assert b.acquire(), "released: free at once"
     b.release()
     seen_before = SchedulerInstance.objects.get(identity=a_keeper.lease.identity).last_seen
