@@ -158,6 +158,7 @@ class Scheduler:
         self.proc = subprocess.Popen(
             argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+        self.out = ""
 
     def healthz(self) -> dict[str, Any] | None:
         try:
@@ -172,7 +173,7 @@ class Scheduler:
         t0 = time.monotonic()
         self.proc.send_signal(signum)
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            self.out, err = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGABRT)  # faulthandler dumps every thread's stack
             _, err = self.proc.communicate(timeout=10)
@@ -211,6 +212,8 @@ def test_signal_while_a_job_runs_waits_for_it_and_exits_0(signum):
         proc.kill()
     assert returncode == 0, err
     assert took < 10
+    # what a person at the terminal sees: who runs, where the metrics are, how to stop
+    assert f"; metrics on http://127.0.0.1:{proc.port}/metrics. Press Ctrl-C" in proc.out
     row.refresh_from_db()
     assert row.status == DjangoJobExecution.SUCCESS
     assert not DjangoJobExecution.objects.filter(status=DjangoJobExecution.SENT).exists()

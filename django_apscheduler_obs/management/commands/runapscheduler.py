@@ -174,15 +174,20 @@ class Command(OneLineErrorCommand):
         if not self._wait_for_database(stop, server.database_writable):
             return  # stopped while waiting
         runtime.start()
-        where = f" metrics on {options['metrics_addr']}:{options['metrics_port']}," if httpd else ""
+        url = ""
+        if httpd:
+            scheme = "https" if tls else "http"
+            url = f"{scheme}://{options['metrics_addr']}:{options['metrics_port']}/metrics"
         logger.info(
-            "Scheduler started (%s,%s group %r); Ctrl-C or SIGTERM stops it",
+            "Scheduler started (%s, group %r%s); Ctrl-C or SIGTERM stops it",
             runtime.lease.identity,
-            where,
             runtime.lease.group,
+            f", metrics on {url}" if url else "",
         )
         self.stdout.write(
-            f"Scheduler running as {runtime.lease.identity}.{where} Press Ctrl-C to stop."
+            f"Scheduler running as {runtime.lease.identity}"
+            + (f"; metrics on {url}" if url else "")
+            + ". Press Ctrl-C to stop."
         )
         self.stdout.flush()
         # Short waits: a signal the kernel delivers to another thread sets Python's flag but
