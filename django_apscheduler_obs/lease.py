@@ -418,7 +418,7 @@ class LeaseKeeper(threading.Thread):
         self._retiring = False
         self._version: int | None = None
         self._last_renew = 0.0
-        self._last_seen_write = 0.0
+        self._last_seen_write: float | None = None  # None: write at the next step
         self._last_sweep = 0.0
         # SchedulerInstance rows are refreshed every heartbeat_interval; an owner silent for
         # three of them is gone (or paused: it may still finish, and then says so).
@@ -589,23 +589,32 @@ class LeaseKeeper(threading.Thread):
     def _heartbeat_instance(self) -> None:
         """Keep this process's row fresh for ``apscheduler_status`` (every few seconds)."""
         now = time.monotonic()
-        if now - self._last_seen_write < self.heartbeat_interval:
+        if (
+            self._last_seen_write is not None
+            and now - self._last_seen_write < self.heartbeat_interval
+        ):
             return
         self._last_seen_write = now
         host, pid, _ = self.lease.identity.rsplit(":", 2)
+        fields = {
+            "group": self.lease.group,
+            "hostname": host,
+            "pid": int(pid),
+            "started_at": self.started_at,
+            "last_seen": dj_timezone.now(),
+            "is_leader": self.lease.is_leader(),
+        }
+        # UPDATE, then INSERT the first time: each statement writes first, so SQLite waits
+        # for its lock. (update_or_create reads, then writes, in one transaction: SQLite
+        # fails that at once when another connection wrote in between.) Only this process
+        # writes its own row, so the INSERT does not race.
+        mine = SchedulerInstance.objects.filter(identity=self.lease.identity)
         try:
-            SchedulerInstance.objects.update_or_create(
-                identity=self.lease.identity,
-                defaults={
-                    "group": self.lease.group,
-                    "hostname": host,
-                    "pid": int(pid),
-                    "started_at": self.started_at,
-                    "last_seen": dj_timezone.now(),
-                    "is_leader": self.lease.is_leader(),
-                },
-            )
+            if not mine.update(**fields):
+                SchedulerInstance.objects.create(identity=self.lease.identity, **fields)
         except DatabaseError:
+            logger.debug("Could not refresh this scheduler's instance row", exc_info=True)
+            self._last_seen_write = None  # try again on the next step, not a heartbeat later
             reset_connection()
 
     def _forget_instance(self) -> None:

@@ -38,6 +38,7 @@ from django_apscheduler_obs.lease import (
 from django_apscheduler_obs.models import DjangoJobExecution, SchedulerInstance, SchedulerLease
 from django_apscheduler_obs.util import DbNow
 from tests.conftest import RUN_EVENTS, wait_for
+from tests.dbfail import outage
 
 db = pytest.mark.django_db(transaction=True)
 
@@ -679,6 +680,24 @@ def test_a_retired_keeper_releases_at_once_keeps_heartbeating_and_never_reacquir
     assert SchedulerInstance.objects.get(identity=a_keeper.lease.identity).last_seen > seen_before
     a_keeper.stop(release=True)
     assert not SchedulerInstance.objects.filter(identity=a_keeper.lease.identity).exists()
+
+
+@db
+def test_a_failed_instance_row_write_is_retried_on_the_next_step_not_a_heartbeat_later():
+    """The row is what ``apscheduler_status`` and the admin list as leader and standbys."""
+    keeper, _, _ = keeper_for(Lease(ttl=TTL))
+    keeper.heartbeat_interval = 3600.0
+    rows = SchedulerInstance.objects.filter(identity=keeper.lease.identity)
+    with outage(r"schedulerinstance") as db_down:
+        db_down.down, db_down.remaining = True, 1  # one failed write, as a lock timeout would
+        keeper.step()
+    assert db_down.failures == 1 and not rows.exists()
+    keeper.step()
+    assert rows.get().is_leader
+    seen = rows.get().last_seen
+    keeper.step()  # written: the next refresh waits for the heartbeat interval again
+    assert rows.get().last_seen == seen
+    keeper.stop(release=True)
 
 
 @db
