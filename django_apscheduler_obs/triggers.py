@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import re
 from datetime import datetime, timedelta, timezone
 
 from apscheduler.triggers.base import BaseTrigger
@@ -157,6 +158,9 @@ def describe(trigger: BaseTrigger) -> str:
     if isinstance(trigger, DateTrigger):
         return f"once at {trigger.run_date:%Y-%m-%d %H:%M:%S %Z}"
     if isinstance(trigger, CronTrigger):
+        words = _cron_words(trigger)
+        if words:
+            return words
         # Fields after the first one set are implied (hour=9 means minute=0 second=0): show
         # them, so "hour=9" is not read as "every minute of 09:00".
         parts, started = [], False
@@ -167,6 +171,35 @@ def describe(trigger: BaseTrigger) -> str:
         text = " ".join(parts)
         return f"cron {text}" if text else "cron (every second)"
     return str(trigger)
+
+
+def _cron_words(trigger: CronTrigger) -> str | None:
+    """Words for the usual shapes (daily, some weekdays, monthly, hourly at a fixed time);
+    None for the rest, which are shown field by field."""
+    f = {field.name: str(field) for field in trigger.fields}
+    if f["year"] != "*" or f["month"] != "*" or f["week"] != "*":
+        return None
+    day, dow = f["day"], f["day_of_week"]
+    if f["second"] == "0" and f["hour"] == "*" and day == dow == "*":
+        step = re.fullmatch(r"\*(?:/(\d+))?", f["minute"])  # "*" or "*/5": aligned to the clock
+        if step:
+            return f"every {step.group(1)} min" if step.group(1) else "every minute"
+    if not (f["minute"].isdigit() and f["second"].isdigit()):
+        return None
+    minute, second = int(f["minute"]), int(f["second"])
+    sec = f":{second:02d}" if second else ""
+    if f["hour"] == "*":
+        return f"every hour at :{minute:02d}{sec}" if day == dow == "*" else None
+    if not f["hour"].isdigit():
+        return None
+    at = f"at {int(f['hour']):02d}:{minute:02d}{sec} {trigger.timezone}"
+    if day == "*" and dow == "*":
+        return f"every day {at}"
+    if day == "*" and re.fullmatch(r"[a-z]{3}([-,][a-z]{3})*", dow):
+        return f"{re.sub(r'[a-z]{3}', lambda m: m.group().capitalize(), dow)} {at}"
+    if day.isdigit() and dow == "*":
+        return f"monthly on day {day} {at}"
+    return None
 
 
 def _duration(seconds: float) -> str:

@@ -233,7 +233,7 @@ def test_job_list_columns(admin_client):
     assert set(rows) == {"healthy", "flaky", "cronjob"}
     # trigger in words, function, sparkline
     assert "every 10 min" in rows["healthy"] and "tests.jobs:noop" in rows["healthy"]
-    assert "cron hour=3 minute=0" in rows["cronjob"]
+    assert "every day at 03:00 UTC" in rows["cronjob"]
     assert rows["healthy"].count("<rect") == dao_admin.LIST_SPARK_RUNS
     # success ratio over the last 100 runs, p95 duration
     assert ">100%<" in rows["healthy"]

@@ -231,7 +231,7 @@ def test_monitoring_console(admin_server, browser, make_runtime, settings):
     invoices = job_row(browser, "billing.invoices")
     assert "Error!" in invoices.text and "every 15 min" in invoices.text
     assert "paused" in job_row(browser, "cache.warm").text
-    assert "cron hour=3" in job_row(browser, "reports.nightly").text
+    assert "every day at 03:00" in job_row(browser, "reports.nightly").text
     assert len(invoices.find_elements("css selector", "svg.dao-spark rect")) == 30
     # styles are served (the admin's and ours)
     color = css(browser, ".dao-badge.dao-error")[0].value_of_css_property("background-color")

@@ -46,5 +46,28 @@ def test_describe_in_words():
     assert describe(IntervalTrigger(minutes=5)) == "every 5 min"
     assert describe(IntervalTrigger(seconds=90)) == "every 90 s"
     assert describe(CronTrigger(day_of_week="mon-fri", hour=9, timezone="UTC")) == (
-        "cron day_of_week=mon-fri hour=9 minute=0 second=0"
+        "Mon-Fri at 09:00 UTC"
     )
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"hour": 3}, "every day at 03:00 UTC"),
+        ({"hour": 3, "timezone": "Europe/Paris"}, "every day at 03:00 Europe/Paris"),
+        ({"day_of_week": "sat,sun", "hour": 10, "minute": 30}, "Sat,Sun at 10:30 UTC"),
+        ({"day": 1, "hour": 0}, "monthly on day 1 at 00:00 UTC"),
+        ({"minute": 15}, "every hour at :15"),
+        ({"minute": 15, "second": 30}, "every hour at :15:30"),
+        ({"minute": "*/5"}, "every 5 min"),
+        ({"second": 0}, "every minute"),
+        # the rest field by field, implied fields shown: "hour=9" is not every minute of 9 h
+        ({"day_of_week": "0-4", "hour": 9}, "cron day_of_week=0-4 hour=9 minute=0 second=0"),
+        ({"hour": "9-17", "minute": "*/5"}, "cron hour=9-17 minute=*/5 second=0"),
+        ({"month": 1, "day": 1}, "cron month=1 day=1 hour=0 minute=0 second=0"),
+        ({"day": 1, "day_of_week": "mon"}, "cron day=1 day_of_week=mon hour=0 minute=0 second=0"),
+        ({"second": 30}, "cron second=30"),
+    ],
+)
+def test_describe_cron_in_words_where_the_shape_is_usual(fields, words):
+    assert describe(CronTrigger(**{"timezone": "UTC", **fields})) == words
