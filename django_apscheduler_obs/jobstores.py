@@ -40,9 +40,9 @@ from django_apscheduler_obs.lease import Lease, bump_change_counter, freeze_poin
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
 from django_apscheduler_obs.util import (
     DbNow,
-    db_now_sql,
     get_apscheduler_datetime,
     get_django_internal_datetime,
+    held_lease_sql,
     recycle_worker_connections,
     reset_connection,
     retry_on_db_operational_error,
@@ -261,9 +261,7 @@ def _loop_update_sql(conn: Any, versioned: bool, fenced: bool) -> str:
         if fenced:  # the same condition as the fenced claim: our epoch, unexpired
             sql += (
                 f" AND EXISTS (SELECT 1 FROM {q(SchedulerLease._meta.db_table)} "
-                f"WHERE {q('name')} = %s "
-                f"AND {q('owner')} = %s AND {q('epoch')} = %s "
-                f"AND {q('expires_at')} > {db_now_sql(conn.vendor)})"
+                f"WHERE {held_lease_sql(conn)})"
             )
         if async_commit:
             sql = (

@@ -150,9 +150,20 @@ class DbNow(Func):
 
 
 def db_now_sql(vendor: str) -> str:
-    """Raw-SQL form of ``DbNow`` for the hand-written claim statement."""
+    """Raw-SQL form of ``DbNow`` for the hand-written statements."""
     return {
         "postgresql": "STATEMENT_TIMESTAMP()",
         "mysql": "UTC_TIMESTAMP(6)",
         "sqlite": "STRFTIME('%%Y-%%m-%%d %%H:%%M:%%f', 'NOW')",
     }.get(vendor, "CURRENT_TIMESTAMP")
+
+
+def held_lease_sql(conn: Any) -> str:
+    """The fence of every hand-written statement, as a condition on the lease table: the
+    lease row ``name`` is held by ``owner`` with ``epoch`` (three parameters, in that order)
+    and has not expired by the database clock."""
+    q = conn.ops.quote_name
+    return (
+        f"{q('name')} = %s AND {q('owner')} = %s AND {q('epoch')} = %s "
+        f"AND {q('expires_at')} > {db_now_sql(conn.vendor)}"
+    )

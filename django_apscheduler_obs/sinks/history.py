@@ -31,7 +31,11 @@ from django.utils import timezone
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.models import DjangoJobExecution, SchedulerLease
 from django_apscheduler_obs.runs import Outcome, RunRecord, TriggerSource
-from django_apscheduler_obs.util import db_now_sql, get_django_internal_datetime, reset_connection
+from django_apscheduler_obs.util import (
+    get_django_internal_datetime,
+    held_lease_sql,
+    reset_connection,
+)
 
 if TYPE_CHECKING:
     from django_apscheduler_obs.sinks.metrics import SchedulerMetrics
@@ -191,9 +195,7 @@ class HistorySink:
                     cursor.execute(
                         f"INSERT INTO {qn(ex.db_table)} ({col_sql}) "
                         f"SELECT %s, %s, %s, {qn('owner')}, {qn('epoch')}, %s, %s, '', '', '', %s "
-                        f"FROM {lease_table} WHERE {qn('name')} = %s AND {qn('owner')} = %s "
-                        f"AND {qn('epoch')} = %s AND {qn('expires_at')} > {db_now_sql(conn.vendor)}"
-                        f"{lock}",
+                        f"FROM {lease_table} WHERE {held_lease_sql(conn)}{lock}",
                         [
                             job_id,
                             rt,
