@@ -15,6 +15,9 @@ from typing import Any
 from django.db import OperationalError
 from django.db.backends import utils
 
+# Every UPDATE of the job table, however the store builds it (ORM, raw SQL, behind a CTE).
+JOB_UPDATE = r"UPDATE \W?django_apscheduler_obs_djangojob\b"
+
 
 class Outage:
     def __init__(self, pattern: str, error: BaseException | None = None) -> None:

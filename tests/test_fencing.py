@@ -21,6 +21,7 @@ from django_apscheduler_obs.jobstores import DjangoJobStore, scheduler_loop
 from django_apscheduler_obs.lease import Lease
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
 from tests.conftest import RUN_EVENTS, wait_for
+from tests.dbfail import JOB_UPDATE
 from tests.test_claims import failing
 
 db = pytest.mark.django_db(transaction=True)
@@ -199,7 +200,7 @@ def test_a_one_off_job_is_removed_only_by_the_leader(leader):
 def test_database_errors_in_the_leaders_writes_and_reads_do_not_raise(leader, caplog):
     _, s = leader
     (job,) = s.store.get_due_jobs(FAR)
-    with failing(r"UPDATE \W?django_apscheduler_obs_djangojob\b", times=1):
+    with failing(JOB_UPDATE, times=1):
         _advance(s.store, job, T0 + timedelta(minutes=1))  # no exception
     assert _stored() == (T0, 1)
     with failing(r"^DELETE .*djangojob\b", times=1), scheduler_loop():
@@ -224,7 +225,7 @@ def _ledger_rows(job_id: str) -> list[datetime]:
 def test_a_failed_job_state_write_is_replayed_and_the_replay_is_a_claim_conflict(make_runtime):
     rt = make_runtime()
     fire = (datetime.now(UTC) + timedelta(seconds=2)).replace(microsecond=0)
-    with failing(r"UPDATE \W?django_apscheduler_obs_djangojob\b.* EXISTS", times=1) as outage:
+    with failing(JOB_UPDATE + r".* EXISTS", times=1) as outage:
         rt.scheduler.add_job(
             "tests.jobs:ledger",
             "interval",

@@ -26,7 +26,7 @@ from django_apscheduler_obs.jobstores import DjangoJobStore, DjangoMemoryJobStor
 from django_apscheduler_obs.lease import Lease
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution
 from tests.conftest import EventLog, wait_for
-from tests.dbfail import outage
+from tests.dbfail import JOB_UPDATE, outage
 
 TZ = ZoneInfo("Europe/Berlin")  # not UTC on purpose: stored times must survive the round trip
 
@@ -483,8 +483,7 @@ def test_database_errors_in_update_do_not_kill_a_stock_scheduler():
     log = EventLog()
     sched.add_listener(log, EVENT_JOB_EXECUTED)
     sched.start()
-    # Every UPDATE of the job table, whichever way the store builds it.
-    with outage(r"UPDATE \W?django_apscheduler_obs_djangojob\b") as o:
+    with outage(JOB_UPDATE) as o:
         o.down, o.remaining = True, 3
         try:
             sched.add_job(
