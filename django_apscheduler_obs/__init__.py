@@ -3,7 +3,7 @@ Prometheus, OpenTelemetry), and several schedulers with one leader."""
 
 from __future__ import annotations
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = ["__version__", "scheduled_job"]
 
