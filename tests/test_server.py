@@ -137,60 +137,61 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
+# What a real CA issues, so that verification as strict as Python 3.13's default
+# (VERIFY_X509_STRICT: RFC 5280 profile) accepts it: a CA with critical basicConstraints and
+# keyUsage, leaves that are not CAs, carry key identifiers and say what they are for.
+CA_EXTENSIONS = (
+    "basicConstraints=critical,CA:TRUE",
+    "keyUsage=critical,keyCertSign,cRLSign",
+    "subjectKeyIdentifier=hash",
+)
+LEAF_EXTENSIONS = {
+    "server": (
+        "basicConstraints=critical,CA:FALSE",
+        "keyUsage=critical,digitalSignature,keyEncipherment",
+        "extendedKeyUsage=serverAuth",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "subjectKeyIdentifier=hash",
+        "authorityKeyIdentifier=keyid,issuer",
+    ),
+    "client": (
+        "basicConstraints=critical,CA:FALSE",
+        "keyUsage=critical,digitalSignature",
+        "extendedKeyUsage=clientAuth",
+        "subjectKeyIdentifier=hash",
+        "authorityKeyIdentifier=keyid,issuer",
+    ),
+}
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate."""
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, RFC 5280 style."""
     d = tmp_path_factory.mktemp("pki")
+    ca_ext = [arg for ext in CA_EXTENSIONS for arg in ("-addext", ext)]
     _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test-ca",
-        "-keyout",
-        str(d / "ca.key"),
-        "-out",
-        str(d / "ca.pem"),
-    )
-    for name, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+        *ca_ext, "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"),
+    )  # fmt: skip
+    for name, extensions in LEAF_EXTENSIONS.items():
         _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            f"/CN={name}",
-            "-keyout",
-            str(d / f"{name}.key"),
-            "-out",
-            str(d / f"{name}.csr"),
-        )
-        (d / f"{name}.ext").write_text(ext + "\n")
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"),
+        )  # fmt: skip
+        (d / f"{name}.ext").write_text("\n".join(extensions) + "\n")
         _openssl(
-            "x509",
-            "-req",
-            "-in",
-            str(d / f"{name}.csr"),
-            "-CA",
-            str(d / "ca.pem"),
-            "-CAkey",
-            str(d / "ca.key"),
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            str(d / f"{name}.ext"),
-            "-out",
-            str(d / f"{name}.pem"),
-        )
+            "x509", "-req", "-in", str(d / f"{name}.csr"),
+            "-CA", str(d / "ca.pem"), "-CAkey", str(d / "ca.key"), "-CAcreateserial",
+            "-days", "2", "-extfile", str(d / f"{name}.ext"), "-out", str(d / f"{name}.pem"),
+        )  # fmt: skip
     return d
+
+
+def _strict_client(pki: Path) -> ssl.SSLContext:
+    """A client that verifies like Python 3.13 does by default, on every Python we support."""
+    client = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    client.verify_flags |= ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
+    return client
 
 
 def test_tls_with_required_client_certificates(served, pki):
@@ -203,12 +204,12 @@ def test_tls_with_required_client_certificates(served, pki):
     _, port = served(tls=tls)
     url = f"https://127.0.0.1:{port}/metrics"
 
-    client = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    client = _strict_client(pki)
     client.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
     status, _, body = get(url, context=client)
     assert status == 200 and b"apscheduler_scheduler_state" in body
 
-    anonymous = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    anonymous = _strict_client(pki)
     with pytest.raises(OSError):  # no client certificate: the handshake is refused
         get(url, context=anonymous)
     with pytest.raises(OSError):  # plain HTTP against TLS
