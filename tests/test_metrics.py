@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -9,7 +10,7 @@ import pytest
 from apscheduler import events
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
@@ -329,6 +330,23 @@ def test_scheduler_and_lease_gauges(make_runtime):
     )
     rt.scheduler.pause()
     assert value(rt, "apscheduler_scheduler_state", apscheduler_scheduler_state="paused") == 1
+
+
+@db
+def test_the_heartbeat_is_absent_until_it_happens(make_runtime):
+    """A scheduler that never started has no heartbeat, not one from 1970."""
+    rt = make_runtime(start=False)
+    assert value(rt, "apscheduler_scheduler_heartbeat_timestamp_seconds") is None
+    text = generate_latest(rt.registry).decode()
+    assert "# TYPE apscheduler_scheduler_heartbeat_timestamp_seconds gauge" in text
+    assert "\napscheduler_scheduler_heartbeat_timestamp_seconds " not in text
+    before = time.time()
+    rt.start()
+    stamp = wait_for(
+        lambda: value(rt, "apscheduler_scheduler_heartbeat_timestamp_seconds"),
+        message="the first heartbeat",
+    )
+    assert before <= stamp <= time.time()
 
 
 def _record(job_id: str, error: BaseException | None = None) -> RunRecord:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -22,6 +23,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord
@@ -30,6 +33,35 @@ OTHER_JOB = "_other"
 OTHER_ERROR = "_OTHER"  # OpenTelemetry's fallback value for error.type
 SKIP_REASONS = ("misfire", "max_instances", "coalesced")
 PREFIX = "apscheduler"
+
+
+class UnsetTimestamp(Collector):
+    """A timestamp gauge with no sample until it is first set.
+
+    A plain ``Gauge`` starts at 0, which dashboards and alerts read as "1970-01-01": a
+    heartbeat that never happened would look 56 years stale beside the alert that says the
+    scheduler never started. Absent is the truthful value of a time that has not happened.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self._name, self._documentation = name, documentation
+        self._value: float | None = None
+        registry.register(self)
+
+    def set_to_current_time(self) -> None:
+        self._value = time.time()
+
+    def get(self) -> float | None:
+        return self._value
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self._name, self._documentation)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self._name, self._documentation)
+        if self._value is not None:
+            family.add_metric([], self._value)
+        yield family
 
 
 class SchedulerMetrics:
@@ -86,9 +118,10 @@ class SchedulerMetrics:
             j,
             registry=r,
         )
-        self.heartbeat = Gauge(
+        self.heartbeat = UnsetTimestamp(
             f"{PREFIX}_scheduler_heartbeat_timestamp_seconds",
-            "Last run of the canary job through the scheduler loop and executor.",
+            "Last run of the canary job through the scheduler loop and executor "
+            "(absent until the first one).",
             registry=r,
         )
         self.write_errors = Counter(
