@@ -165,3 +165,13 @@ def test_log_records_of_a_job_carry_its_trace_and_span_ids(make_runtime, provide
     (record,) = [r for r in records if r.getMessage() == "hello from the job"]
     assert record.otelTraceID == row.trace_id
     assert record.otelSpanID == row.span_id
+    assert record.otelTraceContext == f" [trace={row.trace_id}]"
+    # Outside a run there is no trace: the context is empty, not "[trace=0]".
+    logger.addHandler(handler)
+    try:
+        logger.warning("outside any run")
+    finally:
+        logger.removeHandler(handler)
+    outside = records[-1]
+    assert outside.getMessage() == "outside any run"
+    assert (outside.otelTraceID, outside.otelTraceContext) == ("0", "")

@@ -119,16 +119,23 @@ def finish_span(span: trace.Span, record: RunRecord) -> None:
 
 
 class TraceContextFilter:
-    """Logging filter that adds ``otelTraceID``/``otelSpanID`` to every record.
+    """Logging filter that adds the current span's ids to every record.
 
-    Add it to a handler and use ``%(otelTraceID)s`` in the format: a job's log lines then
-    carry the ids of its run's span (the same ids stored on its execution row).
+    ``%(otelTraceID)s``/``%(otelSpanID)s`` follow OpenTelemetry's logging instrumentation
+    ("0" outside a span). ``%(otelTraceContext)s`` is `` [trace=<id>]`` inside a span and empty
+    outside one, so a format such as ``"%(name)s%(otelTraceContext)s %(message)s"`` shows a
+    trace id only when there is one: a job's lines then carry the id stored on its row.
     """
 
     def filter(self, record: Any) -> bool:
         ctx = trace.get_current_span().get_span_context()
-        record.otelTraceID = format(ctx.trace_id, "032x") if ctx.is_valid else "0"
-        record.otelSpanID = format(ctx.span_id, "016x") if ctx.is_valid else "0"
+        if ctx.is_valid:
+            record.otelTraceID = format(ctx.trace_id, "032x")
+            record.otelSpanID = format(ctx.span_id, "016x")
+            record.otelTraceContext = f" [trace={record.otelTraceID}]"
+        else:
+            record.otelTraceID = record.otelSpanID = "0"
+            record.otelTraceContext = ""
         return True
 
 

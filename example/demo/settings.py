@@ -70,9 +70,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "filters": {"otel": {"()": "django_apscheduler_obs.sinks.tracing.TraceContextFilter"}},
     "formatters": {
-        "plain": {
-            "format": "%(asctime)s %(levelname)-7s %(name)s [trace=%(otelTraceID)s] %(message)s"
-        }
+        "plain": {"format": "%(asctime)s %(levelname)-7s %(name)s%(otelTraceContext)s %(message)s"}
     },
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["otel"]}
