@@ -7,6 +7,7 @@ fixed time hoping something happened.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,21 @@ from prometheus_client import CollectorRegistry
 from django_apscheduler_obs.registry import registry as job_registry
 
 IN_CI = os.environ.get("CI") == "true"
+# The scheduler processes that end-to-end tests start fail on a deprecation too, as this
+# process does (pyproject's filterwarnings): the package's code must raise none.
+CHILD_WARNINGS = "error::DeprecationWarning,error::PendingDeprecationWarning"
+os.environ.setdefault("PYTHONWARNINGS", CHILD_WARNINGS)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Debian's promtool; required in CI, skipped elsewhere when it is not installed."""
+    path = shutil.which("promtool")
+    if path is None:
+        if IN_CI:
+            pytest.fail("promtool is required in CI (apt-get install prometheus)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return path
 
 
 def pytest_report_header(config: Any) -> str:
