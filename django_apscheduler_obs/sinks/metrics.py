@@ -51,9 +51,6 @@ class UnsetTimestamp(Collector):
     def set_to_current_time(self) -> None:
         self._value = time.time()
 
-    def get(self) -> float | None:
-        return self._value
-
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(self._name, self._documentation)
 
