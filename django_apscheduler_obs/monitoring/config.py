@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
+from functools import cache, cached_property
 from typing import Any, get_type_hints
 
 from django_apscheduler_obs.monitoring.promql import (
@@ -99,7 +99,6 @@ class MonitoringConfig:
     # Jobs table: colour of "time since last success / expected interval".
     table_ratio_amber: float = 1.5
     table_ratio_red: float = 2
-    _labels: dict[str, str] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -107,16 +106,16 @@ class MonitoringConfig:
                 _check(f.name, getattr(self, f.name))
         if self.table_ratio_amber >= self.table_ratio_red:
             raise ConfigError("table_ratio_amber must be below table_ratio_red")
-        self._labels.update(_derive_test_labels(self.matchers, self.test_labels))
+        self.series_labels  # noqa: B018 -- derived now, so a bad combination fails at creation
 
     @cached_property
     def matchers(self) -> tuple[Matcher, ...]:
         return parse_matchers(self.selector)
 
-    @property
+    @cached_property
     def series_labels(self) -> dict[str, str]:
         """Labels of every series in the generated tests; they match ``selector``."""
-        return dict(self._labels)
+        return _derive_test_labels(self.matchers, self.test_labels)
 
     def seconds(self, name: str) -> float:
         """A duration or number setting in seconds."""
@@ -171,15 +170,13 @@ def _check(name: str, value: Any) -> None:
     if name.endswith("_uid") and not re.fullmatch(r"[a-zA-Z0-9_-]{1,40}", value):
         raise ConfigError(f"{name}: {value!r} is not a Grafana uid (letters, digits, - and _)")
     if isinstance(value, (int, float)):
-        low, high = _RANGES.get(name, (0.0, None))
-        too_low = value < low if name in _RANGES or name in _MAY_BE_ZERO else value <= 0
-        if too_low or (high is not None and value >= high):
-            if high is not None:
-                bound = f"in [{low:g}, {high:g})"
-            elif name in _RANGES or name in _MAY_BE_ZERO:
-                bound = f"at least {low:g}"
-            else:
-                bound = "above 0"
+        if name in _RANGES:
+            low, high = _RANGES[name]
+            bad = value < low or (high is not None and value >= high)
+            bound = f"in [{low:g}, {high:g})" if high is not None else f"at least {low:g}"
+        else:
+            bad, bound = value <= 0, "above 0"
+        if bad:
             raise ConfigError(f"{name}: {value!r} must be {bound}")
 
 
@@ -188,8 +185,8 @@ _RANGES: dict[str, tuple[float, float | None]] = {
     "failure_rate_threshold": (0.0, 1.0),
     "failure_rate_min_runs": (1.0, None),
     "no_success_interval_factor": (1.0, None),
+    "no_success_slack_seconds": (0.0, None),
 }
-_MAY_BE_ZERO = frozenset({"no_success_slack_seconds"})
 
 
 def _check_type(name: str, value: Any) -> None:
@@ -241,20 +238,17 @@ def _derive_test_labels(matchers: tuple[Matcher, ...], test_labels: str) -> dict
     return labels
 
 
-_HINTS: dict[str, Any] = {}
+@cache
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(MonitoringConfig)
 
 
 def _field_type(name: str) -> Any:
-    if not _HINTS:
-        _HINTS.update(get_type_hints(MonitoringConfig))
-    return _HINTS[name]
+    return _field_types()[name]
 
 
 def parse_value(name: str, text: str) -> Any:
-    """A ``--set NAME=VALUE`` string as the setting's type (number, list, duration or text)."""
-    known = [f.name for f in dataclasses.fields(MonitoringConfig) if f.init]
-    if name not in known:
-        raise ConfigError(f"unknown setting {name!r}; known: {', '.join(known)}")
+    """A ``--set NAME=VALUE`` string as the type of the (known) setting ``name``."""
     kind = _field_type(name)
     if kind is int:
         try:
