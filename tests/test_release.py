@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
 import textwrap
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import pytest
 
 import django_apscheduler_obs
 from tests.conftest import CHILD_WARNINGS, wait_for
+from tests.demo_process import free_port, http_get
 
 pytestmark = [pytest.mark.slow, pytest.mark.once]
 
@@ -97,7 +96,7 @@ def test_the_wheel_holds_the_app_and_nothing_of_the_repository(dist):
     assert "Project-URL: Changelog" in text
 
 
-def test_the_sdist_builds_the_same_package(dist):
+def test_the_sdist_holds_the_sources(dist):
     with tarfile.open(dist["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     for needed in ("pyproject.toml", "README.md", "CHANGELOG.md", "LICENSE", f"{PACKAGE}/py.typed"):
@@ -187,16 +186,10 @@ print("admin ok")
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def scrape(url: str) -> str | None:
+    """The page, or None while the server does not answer yet."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.read().decode()
+        return http_get(url)[1].decode()
     except OSError:
         return None
 
@@ -259,7 +252,7 @@ def test_the_installed_wheel_runs_a_project(dist, tmp_path):
             message="/metrics with a recorded run of the wheel's scheduler",
         )
         assert "apscheduler_scheduler_state" in metrics
-        assert scrape(f"http://127.0.0.1:{port}/readyz") is not None
+        assert http_get(f"http://127.0.0.1:{port}/readyz")[0] == 200
     finally:
         scheduler.send_signal(signal.SIGTERM)
         output, _ = scheduler.communicate(timeout=60)
