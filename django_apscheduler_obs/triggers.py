@@ -110,6 +110,10 @@ def _cron_largest_gap(trigger: CronTrigger, now: datetime | None) -> float | Non
     count = 0
     while day is not None and day < end and count < MAX_ACTIVE_DAYS:
         nxt = first_of_day.get_next_fire_time(day, day + timedelta(microseconds=1))
+        if nxt is not None and nxt <= day:
+            # APScheduler 3 can answer the same instant again in the repeated hour at a DST
+            # end (01:00 EST after 01:00 EDT): the day's next first fire is a day away.
+            nxt = first_of_day.get_next_fire_time(None, day + timedelta(hours=1))
         if nxt is None:
             break
         last = last_of_day.get_next_fire_time(None, day)

@@ -38,6 +38,18 @@ def test_expected_interval_is_the_largest_gap(trigger, seconds):
     assert expected_interval(trigger) == seconds  # cached path
 
 
+def test_a_first_fire_in_the_repeated_hour_of_a_dst_end_does_not_stop_the_walk():
+    # New York's DST ends at 02:00 on Sunday 7 November 2027; 01:00 happens twice, and
+    # APScheduler answers 01:00 EST again from 01:00 EST. The walk must go on to the next
+    # weekend and then to next November: the largest gap is 30 November to 6 November.
+    trigger = CronTrigger(
+        month=11, day_of_week="sat,sun", hour=1, minute="*", timezone="America/New_York"
+    )
+    last = datetime(2027, 11, 28, 6, 59, tzinfo=timezone.utc)  # Sun 01:59 EST
+    first = datetime(2028, 11, 4, 5, 0, tzinfo=timezone.utc)  # Sat 01:00 EDT
+    assert expected_interval(trigger, NOW) == (first - last).total_seconds()
+
+
 def test_one_off_jobs_have_no_interval():
     assert expected_interval(DateTrigger(datetime(2030, 1, 1, tzinfo=timezone.utc))) is None
 
