@@ -38,9 +38,10 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from opentelemetry.trace import TracerProvider
 
-from django_apscheduler_obs.jobstores import request_replay
+from django_apscheduler_obs.jobstores import in_scheduler_loop, request_replay
 from django_apscheduler_obs.lease import freeze_point, unsafe_no_claim
 from django_apscheduler_obs.models import DjangoJobExecution
+from django_apscheduler_obs.passes import ClaimRow, PreClaim, Submission, pass_batch
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
 from django_apscheduler_obs.sinks import tracing
 from django_apscheduler_obs.sinks.history import Claim, HistorySink
@@ -227,22 +228,31 @@ def observed_run_job(
     return events
 
 
-@dataclass(frozen=True)
-class PreClaim:
-    """The outcome of claiming one fire time, and what the run needs to know about it."""
-
-    result: Claim
-    status: str  # DjangoJobExecution.SENT, or MISSED when past misfire_grace_time
-    fence: tuple[str, int] | None = None  # (owner, epoch) the claim was made under
-    message: str = ""  # why it was missed
-    replay: bool = False  # ERROR: the job store keeps the fire time, so it is claimed again
-
-
 def _job_info(job: Job, jobstore_alias: str) -> JobInfo:
     info = JobInfo.of(job)
     if not info.jobstore:
         info = JobInfo(**{**info.__dict__, "jobstore": jobstore_alias})
     return info
+
+
+def claim_row(
+    job: Job, run_time: datetime, run_logger: logging.Logger, trigger_source: TriggerSource
+) -> ClaimRow:
+    """The execution row that claims ``run_time``: sent, or missed by APScheduler's misfire
+    rule of ``run_job`` (unchanged)."""
+    if job.misfire_grace_time is not None and trigger_source is TriggerSource.SCHEDULE:
+        difference = datetime.now(timezone.utc) - run_time
+        if difference > timedelta(seconds=job.misfire_grace_time):
+            run_logger.warning('Run time of job "%s" was missed by %s', job, difference)
+            message = f"Run time of job '{job.id}' was missed by {difference}"
+            return ClaimRow(job.id, run_time, DjangoJobExecution.MISSED, exception=message)
+    return ClaimRow(
+        job.id,
+        run_time,
+        DjangoJobExecution.SENT,
+        started=datetime.now(timezone.utc),
+        trigger_source=trigger_source,
+    )
 
 
 def _claim_one(
@@ -253,24 +263,16 @@ def _claim_one(
     run_logger: logging.Logger,
     trigger_source: TriggerSource,
 ) -> PreClaim:
-    # The misfire rule of APScheduler's run_job, unchanged.
-    if job.misfire_grace_time is not None and trigger_source is TriggerSource.SCHEDULE:
-        difference = datetime.now(timezone.utc) - run_time
-        if difference > timedelta(seconds=job.misfire_grace_time):
-            run_logger.warning('Run time of job "%s" was missed by %s', job, difference)
-            message = f"Run time of job '{job.id}' was missed by {difference}"
-            result, fence = observer.claim_fenced(
-                info, run_time, DjangoJobExecution.MISSED, exception=message
-            )
-            return PreClaim(result, DjangoJobExecution.MISSED, fence, message)
+    row = claim_row(job, run_time, run_logger, trigger_source)
     result, fence = observer.claim_fenced(
         info,
         run_time,
-        DjangoJobExecution.SENT,
-        started=datetime.now(timezone.utc),
-        trigger_source=trigger_source,
+        row.status,
+        started=row.started,
+        trigger_source=row.trigger_source,
+        exception=row.exception,
     )
-    return PreClaim(result, DjangoJobExecution.SENT, fence)
+    return PreClaim(result, row.status, fence, row.exception or "")
 
 
 def claim_fire_times(
@@ -433,23 +435,53 @@ class ObservedExecutorMixin:
             self._submit(job, run_times, lambda: _heartbeat(job, run_times))
             return
         coalesced = count_coalesced(job, run_times)
-        # In this (the scheduler's) thread, before APScheduler's update_job advances the job.
-        claims = claim_fire_times(
-            self.observer, job, job._jobstore_alias, run_times, self._logger.name
-        )
-        self._submit(
-            job,
-            run_times,
-            lambda: observed_run_job(
-                self.observer,
+
+        def submit(claims: dict[datetime, PreClaim]) -> None:
+            self._submit(
                 job,
-                job._jobstore_alias,
                 run_times,
-                self._logger.name,
-                coalesced=coalesced,
-                claims=claims,
-            ),
+                lambda: observed_run_job(
+                    self.observer,
+                    job,
+                    job._jobstore_alias,
+                    run_times,
+                    self._logger.name,
+                    coalesced=coalesced,
+                    claims=claims,
+                ),
+            )
+
+        batch = pass_batch(self._scheduler, job._jobstore_alias) if in_scheduler_loop() else None
+        if batch is not None and not unsafe_no_claim():
+            # A pass over a Django store: its claims are written with the whole pass's, when
+            # the pass ends (passes.py), and the runs go to the pool after that commit.
+            rows = [claim_row(job, t, self._logger, TriggerSource.SCHEDULE) for t in run_times]
+            batch.submissions.append(
+                Submission(
+                    job,
+                    run_times,
+                    rows,
+                    submit=lambda pre: self._settle(job, pre, submit),
+                    release=lambda: self._run_job_success(job.id, []),
+                )
+            )
+            return
+        # In this (the scheduler's) thread, before APScheduler's update_job advances the job.
+        submit(
+            claim_fire_times(self.observer, job, job._jobstore_alias, run_times, self._logger.name)
         )
+
+    def _settle(
+        self,
+        job: Job,
+        claims: dict[datetime, PreClaim],
+        submit: Callable[[dict[datetime, PreClaim]], None],
+    ) -> None:
+        """The pass's claims of ``job`` are known: count them, then hand the runs over."""
+        for pre in claims.values():
+            if self.observer.metrics is not None:
+                self.observer.metrics.claims.labels(self.observer.group, pre.result.value).inc()
+        submit(claims)
 
     def submit_run_now(
         self, job: Job, run_time: datetime, *, traceparent: str | None = None

@@ -34,10 +34,11 @@ from django import db
 from django.db import DatabaseError, IntegrityError, router, transaction
 from django.db.models import Exists, F, Field, Q, Subquery
 
-from django_apscheduler_obs import signing
+from django_apscheduler_obs import passes, signing
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.lease import Lease, bump_change_counter, freeze_point
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
+from django_apscheduler_obs.sinks.history import Claim
 from django_apscheduler_obs.util import (
     DbNow,
     get_apscheduler_datetime,
@@ -287,6 +288,9 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         self.pickle_protocol = pickle_protocol
         self.lease = lease
         self.on_stale_write: Callable[[], None] | None = None
+        self.on_write_error: Callable[[str], None] | None = None
+        # The writes of the pass under way (scheduler loop only): see passes.py.
+        self.pass_batch: passes.PassBatch | None = None
         self._versions: dict[str, int] = {}
         self._pass: _Pass | None = None
         self._restore_logged: set[str] = set()
@@ -311,10 +315,14 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         """
         _loop.replays = set()  # a new pass over this store
         self._pass = None
+        self.abort_pass()
         if not self._leading():
             return []
         now_db = get_django_internal_datetime(now)
-        if db.connections[router.db_for_read(DjangoJob)].vendor == "sqlite":
+        conn = db.connections[router.db_for_read(DjangoJob)]
+        if in_scheduler_loop() and passes.supported(conn):
+            self.pass_batch = passes.PassBatch()
+        if conn.vendor == "sqlite":
             # SQLite cannot LIMIT inside a compound SELECT; it plans this OR as two index
             # searches (MULTI-INDEX OR) as long as there is no ORDER BY on it.
             earliest_future = (
@@ -347,6 +355,8 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         return jobs
 
     def get_next_run_time(self) -> datetime | None:
+        if self.pass_batch is not None and in_scheduler_loop():
+            self._write_pass()
         if not self._leading():
             return None  # a standby sleeps until the lease thread wakes it
         pass_, self._pass = self._pass, None
@@ -403,6 +413,9 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
 
     def update_job(self, job: Job) -> None:
         if in_scheduler_loop():
+            if self.pass_batch is not None:  # written with the pass's claims
+                self.pass_batch.advances[job.id] = job
+                return
             self._update_from_loop(job)
             return
         n = self._plain_update(job)
@@ -474,8 +487,98 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             cursor.execute(_loop_update_sql(conn, version is not None, fence is not None), params)
             return int(cursor.rowcount)
 
+    def _write_pass(self) -> None:
+        """Claim every fire time of the pass and advance its jobs in one commit, then hand
+        each job's runs to its executor with their claims (passes.py)."""
+        batch, self.pass_batch = self.pass_batch, None
+        if batch is None:
+            return
+        advances, unversioned = [], []
+        for job in batch.advances.values():
+            version = self._versions.get(job.id)
+            if version is None:
+                unversioned.append(job)
+            else:
+                advances.append(
+                    passes.Advance(job.id, job.next_run_time, self._dumps(job), version)
+                )
+        rows = [row for sub in batch.submissions for row in sub.rows]
+        fence = None
+        outcome: Claim | None = None
+        result: passes.PassResult | None = None
+        if self.lease is not None:
+            fence = self.lease.fence()
+            if fence is None:
+                outcome = Claim.FENCED  # we know locally that we lost the lease: no statement
+            else:
+                freeze_point("claim")  # TEST-ONLY hooks: off unless APSCHEDULER_TEST_HOOKS
+                freeze_point("update")
+        if outcome is None and (rows or advances):
+            try:
+                result = passes.write_pass(rows, advances, fence, group=self._group)
+            except DatabaseError as exc:
+                passes.db_error(exc)
+                if self.on_write_error is not None:
+                    self.on_write_error("claim")
+                outcome = Claim.ERROR  # nothing of the pass was written: all replayed
+        if result is not None and result.lease_held is False and fence is not None:
+            outcome = Claim.FENCED
+            if self.lease is not None:  # stop acting on this epoch now, not at its deadline
+                self.lease.fenced_by_database(fence[1])
+        if outcome is not Claim.ERROR:
+            advanced = result.advanced if result is not None else 0
+            for _ in range(len(advances) - advanced):
+                self._stale()
+            if advanced == len(advances):
+                for adv in advances:
+                    self._versions[adv.job_id] = adv.version + 1
+                    if self._pass is not None and adv.job_id in self._pass.due:
+                        self._pass.due[adv.job_id] = get_django_internal_datetime(adv.next_run_time)
+        for sub in batch.submissions:
+            claims = {}
+            for row in sub.rows:
+                if outcome is not None:
+                    claim = outcome
+                elif result is not None and passes.key(row.job_id, row.run_time) in result.claimed:
+                    claim = Claim.CLAIMED
+                else:
+                    claim = Claim.CONFLICT
+                replay = claim is Claim.ERROR and request_replay(row.job_id)
+                claims[row.run_time] = passes.PreClaim(
+                    claim, row.status, fence, row.exception or "", replay
+                )
+            try:
+                sub.submit(claims)
+            except Exception:
+                logger.exception("Could not hand job %r to its executor", sub.job.id)
+                sub.release()
+        for job in unversioned:
+            self._update_from_loop(job)
+        for job_id in batch.removals:
+            self._remove_from_loop(job_id)
+
+    def abort_pass(self) -> None:
+        """A pass that ended without asking for the next run time wrote nothing: give the
+        executors back the slots of the runs it held (they are replayed next pass)."""
+        batch, self.pass_batch = self.pass_batch, None
+        if batch is not None:
+            for sub in batch.submissions:
+                sub.release()
+
     def remove_job(self, job_id: str) -> None:
         if in_scheduler_loop():
+            if self.pass_batch is not None:  # after the pass's claims: its last one first
+                self.pass_batch.removals.append(job_id)
+                return
+            self._remove_from_loop(job_id)
+            return
+        if not self._delete(job_id):
+            raise JobLookupError(job_id)
+        self._versions.pop(job_id, None)
+        transaction.on_commit(lambda: bump_change_counter(self._group))
+
+    def _remove_from_loop(self, job_id: str) -> None:
+        if True:
             if _replay_requested(job_id):  # its last fire time is not claimed yet
                 return
             # A one-off job after its last run. Fenced like an update.
@@ -495,11 +598,6 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             self._versions.pop(job_id, None)
             if deleted and self._pass is not None:
                 self._pass.due.pop(job_id, None)
-            return
-        if not self._delete(job_id):
-            raise JobLookupError(job_id)
-        self._versions.pop(job_id, None)
-        transaction.on_commit(lambda: bump_change_counter(self._group))
 
     @retry_on_db_operational_error
     def _delete(self, job_id: str) -> int:
