@@ -1,14 +1,16 @@
 """The HTTP endpoint of a scheduler process: ``/metrics``, ``/healthz`` and ``/readyz``.
 
 ``prometheus_client.start_http_server`` answers *every* path with metrics, so this is a small
-WSGI app of our own that hands ``/metrics`` to ``make_wsgi_app`` (which keeps gzip and the
-OpenMetrics negotiation that carries exemplars) and answers the health paths itself.
+WSGI app of our own. ``/metrics`` negotiates like ``make_wsgi_app`` (``choose_encoder``: the
+OpenMetrics format carries exemplars; gzip), but renders through ``sinks.metrics.render``,
+which re-renders only the job series that changed since the last scrape.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import hmac
 import json
 import logging
@@ -16,12 +18,15 @@ import ssl
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from apscheduler.schedulers.base import STATE_STOPPED
 from django import db
 from prometheus_client import make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
+
+from django_apscheduler_obs.sinks.metrics import render
 
 if TYPE_CHECKING:
     from django_apscheduler_obs.scheduler import SchedulerRuntime
@@ -73,10 +78,30 @@ def database_writable() -> tuple[bool, str]:
             conn.close()
 
 
+def metrics_app(registry: Any) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
+    """``make_wsgi_app(registry)`` with the cached job series of ``render``."""
+    stock = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        params = parse_qs(environ.get("QUERY_STRING", ""))
+        if environ.get("REQUEST_METHOD") != "GET" or "name[]" in params:
+            return stock(environ, start_response)  # OPTIONS, 405 and name[] filtering
+        encoder, content_type = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+        output = render(registry, encoder)
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            output = gzip.compress(output)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [output]
+
+    return app
+
+
 def make_app(
     runtime: SchedulerRuntime, *, basic_auth: tuple[str, str] | None = None
 ) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    metrics_app = make_wsgi_app(runtime.registry)
+    metrics = metrics_app(runtime.registry)
 
     def json_response(start_response: StartResponse, ok: bool, body: dict[str, Any]) -> list[bytes]:
         data = json.dumps(body, sort_keys=True).encode()
@@ -109,7 +134,7 @@ def make_app(
             return [b""]
         path = environ.get("PATH_INFO", "/")
         if path in ("/metrics", "/metrics/"):
-            return metrics_app(environ, start_response)
+            return metrics(environ, start_response)
         if path == "/healthz":
             ok, body = runtime.health()
             return json_response(start_response, ok, body)

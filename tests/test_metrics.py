@@ -6,6 +6,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
+import prometheus_client
 import pytest
 from apscheduler import events
 from opentelemetry.sdk.trace import TracerProvider
@@ -17,7 +18,12 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from django_apscheduler_obs.collectors import JobCatalog
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord
-from django_apscheduler_obs.sinks.metrics import OTHER_ERROR, OTHER_JOB, SchedulerMetrics
+from django_apscheduler_obs.sinks.metrics import (
+    OTHER_ERROR,
+    OTHER_JOB,
+    SchedulerMetrics,
+    render,
+)
 from tests import jobs
 from tests.conftest import RUN_EVENTS, wait_for
 
@@ -419,3 +425,61 @@ def test_error_type_is_the_class_name_never_the_message():
     record = _record("j", SecretError("password=hunter2"))
     assert record.error_type.endswith("SecretError")
     assert "hunter2" not in record.error_type
+
+
+def _both_formats(registry) -> list[tuple[bytes, bytes]]:
+    """(fast render, prometheus_client's own) in the text and the OpenMetrics format."""
+    return [(render(registry, enc), enc(registry)) for enc in (generate_latest, openmetrics)]
+
+
+@pytest.mark.once
+@pytest.mark.parametrize("created", [True, False], ids=["created", "no-created"])
+def test_the_cached_render_is_the_encoders_output_and_follows_every_change(settings, created):
+    settings.APSCHEDULER_MAX_JOB_SERIES = 3
+    if not created:
+        prometheus_client.disable_created_metrics()
+    try:
+        m = SchedulerMetrics(CollectorRegistry(), process=False)
+        for job_id in ("a", "b", "c", "d"):  # d is folded into _other
+            m.add_job(job_id)
+        sampled = _record("a")
+        sampled.trace_id, sampled.span_id, sampled.sampled = "ab" * 16, "cd" * 8, True
+        steps = [
+            lambda: None,  # the first scrape fills the cache
+            lambda: None,  # the second copies it
+            lambda: m.record(sampled),  # exemplars (OpenMetrics only)
+            lambda: m.record(_record("b", ValueError("x"))),  # a new child: error outcome
+            lambda: m.skip("c", "coalesced", 3),
+            lambda: m.record(_record("d")),  # _other
+            lambda: m.run_started(sampled.job),
+            lambda: m.run_finished(sampled.job),
+            lambda: m.seed_last_outcomes([("c", "error", 1234.5)]),
+            lambda: m.remove_job("b"),
+            lambda: m.add_job("b"),  # back at zero, with new children
+            lambda: m.remove_job("a"),
+        ]
+        previous: list[bytes] = []
+        for i, step in enumerate(steps):
+            step()
+            pairs = _both_formats(m.registry)
+            for fast, stock in pairs:
+                assert fast == stock, f"step {i}"
+            assert b"trace_id" in pairs[1][0] if 2 <= i < 11 else True
+            if i >= 2:
+                assert [fast for fast, _ in pairs] != previous, f"step {i} changed nothing"
+            previous = [fast for fast, _ in pairs]
+    finally:
+        prometheus_client.enable_created_metrics()
+
+
+@pytest.mark.once
+def test_the_cached_render_keeps_only_the_children_that_exist(settings):
+    m = SchedulerMetrics(CollectorRegistry(), process=False)
+    for i in range(20):
+        m.add_job(f"j{i}")
+    render(m.registry)
+    for i in range(15):
+        m.remove_job(f"j{i}")
+    assert render(m.registry) == generate_latest(m.registry)
+    cached = {values for children in m.job_series._cache.values() for values in children}
+    assert {values[0] for values in cached} == {f"j{i}" for i in range(15, 20)}
