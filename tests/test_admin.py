@@ -211,6 +211,114 @@ def test_sparkline_is_escaped_svg():
     assert 'fill="#c62828"' in svg and 'fill="#2e7d32"' in svg
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "N j, Y, f:s a",  # the default (0.7's)
+        "DATETIME_FORMAT",  # a format name, resolved for the active language
+        r"\N\o\w: Y-m-d H:i:s.u e O T Z U c r P A I",  # escapes, zones and the uncached ones
+        r"jS F Y \a\t g:i A",
+    ],
+)
+@pytest.mark.parametrize("lang,zone", [("en", "UTC"), ("de", "Europe/Berlin"), ("fr", None)])
+def test_local_times_formats_like_util(settings, fmt, lang, zone):
+    from django.utils import timezone as dj_timezone
+    from django.utils import translation
+
+    from django_apscheduler_obs import util
+
+    settings.APSCHEDULER_DATETIME_FORMAT = fmt
+    # Across a DST change, midnight, noon, whole minutes, and a naive value.
+    start = datetime(2026, 3, 28, 11, 58, tzinfo=timezone.utc)
+    values: list[datetime] = [start + timedelta(seconds=61 * i, microseconds=i) for i in range(60)]
+    values += [start + timedelta(hours=h) for h in range(0, 48, 3)]
+    values.append(datetime(2026, 7, 1, 0, 0))
+    with translation.override(lang), dj_timezone.override(zone or "America/New_York"):
+        times = dao_admin.LocalTimes()
+        assert [times(v) for v in values] == [util.get_local_dt_format(v) for v in values]
+        # kept texts are reused, and still right, on a second pass
+        assert [times(v) for v in reversed(values)] == [
+            util.get_local_dt_format(v) for v in reversed(values)
+        ]
+    assert times(None) == "—"
+
+
+def test_sparkline_titles_are_local_times():
+    from django_apscheduler_obs import util
+
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    runs = [dao_admin.Run(1, "j", EX.SUCCESS, now, 0.42, None)]
+    svg = str(dao_admin.sparkline(runs, times=dao_admin.LocalTimes()))
+    assert f"<title>{util.get_local_dt_format(now)}: Executed, 420 ms</title>" in svg
+    assert svg == str(dao_admin.sparkline(runs))  # the same without a page's formatter
+
+
+def test_badge_escapes_like_format_html():
+    from django.utils.html import format_html
+    from django.utils.safestring import mark_safe
+
+    expected = format_html(
+        '<span class="dao-badge dao-{}" title="{}">{}</span>', "ok", '"<t>"', "<b>x</b>"
+    )
+    assert dao_admin.badge("<b>x</b>", "ok", '"<t>"') == expected
+    assert "<i>" in dao_admin.badge(mark_safe("<i>safe</i>"), "ok")  # safe text is kept
+
+
+@pytest.mark.django_db
+def test_recent_executions_newest_first_per_job():
+    store_job("a")
+    store_job("b")
+    add_runs("a", 8, errors_every=3)
+    add_runs("b", 2, end=datetime.now(timezone.utc) - timedelta(hours=1))
+    with CaptureQueriesContext(connection) as ctx:
+        runs = dao_admin.recent_executions(["a", "b", "none"], limit=5, complete=3)
+    assert len(ctx.captured_queries) == 1
+    assert [len(runs[j]) for j in ("a", "b", "none")] == [5, 2, 0]
+    expected = list(EX.objects.filter(job_id="a").order_by("-run_time")[:5])
+    assert [r.pk for r in runs["a"]] == [e.pk for e in expected]
+    assert [r.status for r in runs["a"]] == [e.status for e in expected]
+    assert [r.duration for r in runs["a"]] == [float(e.duration) for e in expected]
+    # complete rows carry their run time and exception, later ones only what the stats read
+    assert [r.run_time for r in runs["a"][:3]] == [e.run_time for e in expected[:3]]
+    assert runs["a"][0].exception == "boom" and runs["a"][0].run_time.tzinfo is not None
+    assert [r.run_time for r in runs["a"][3:]] == [None, None]
+    assert all(r.run_time is not None for r in runs["b"])
+    stats = dao_admin.RunStats(runs["a"])
+    assert stats.success_ratio == pytest.approx(3 / 5) and stats.p95 == 0.5
+
+    detail = dao_admin.recent_executions(["a"], detail=True)["a"]
+    assert len(detail) == 8 and detail[0].trigger_source == "schedule"
+    assert detail[0].start_delay == pytest.approx(0.002)
+
+
+@pytest.mark.django_db
+def test_recent_executions_over_many_statements(monkeypatch):
+    monkeypatch.setattr(dao_admin, "BULK_PARTS", 2)
+    for j in range(5):
+        store_job(f"j{j}")
+        add_runs(f"j{j}", j)
+    with CaptureQueriesContext(connection) as ctx:
+        runs = dao_admin.recent_executions([f"j{j}" for j in range(5)], limit=3)
+    assert len(ctx.captured_queries) == 3
+    assert [len(runs[f"j{j}"]) for j in range(5)] == [0, 1, 2, 3, 3]
+
+
+@pytest.mark.django_db
+def test_job_texts_are_cached_by_state():
+    job = store_job("cached")
+    blob = bytes(DjangoJob.objects.get(id="cached").job_state)
+    dao_admin.job_texts.cache_clear()
+    assert dao_admin.job_texts(blob) == (
+        "tests.jobs:noop",
+        dao_admin.triggers.describe(job.trigger),
+    )
+    assert dao_admin.job_texts(bytes(blob)) == dao_admin.job_texts(blob)
+    assert dao_admin.job_texts.cache_info().hits == 2
+    # a state that does not verify (tampered, or unsigned) is never unpickled
+    assert dao_admin.job_texts(blob[:-1] + b"x") == ("—", "—")
+    assert dao_admin.job_texts(pickle.dumps({"func": "x", "trigger": None})) == ("—", "—")
+
+
 # -- job list -----------------------------------------------------------------------------
 
 
