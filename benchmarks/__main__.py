@@ -27,8 +27,9 @@ TITLES = {
     "6": "/metrics scrape",
     "7": "Cleanup of the execution history",
     "8": "Admin pages over a large history",
+    "9": "Burst: jobs due in the same second",
 }
-ORDER = ["1", "2", "3", "4", "5", "6", "8", "7"]  # 8 reads the history that 7 halves
+ORDER = ["1", "2", "9", "3", "4", "5", "6", "8", "7"]  # 8 reads the history that 7 halves
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Config:
     scrape_sizes: list[int] = field(default_factory=lambda: [10, 100, 1000])
     history_rows: int = 1_000_000
     admin_jobs: list[int] = field(default_factory=lambda: [100, 1000])
+    burst_jobs: int = 1000
+    burst_lead_seconds: float = 20  # storing the jobs comes first
 
     @classmethod
     def smoke_config(cls) -> Config:
@@ -68,6 +71,8 @@ class Config:
             scrape_sizes=[10, 100],
             history_rows=20_000,
             admin_jobs=[100, 300],
+            burst_jobs=100,
+            burst_lead_seconds=5,
         )
 
 
@@ -212,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     from django.core.management import call_command
 
-    from benchmarks import harness, s_history, s_metrics, s_recording, s_scheduling, s_store
+    from benchmarks import (
+        harness,
+        s_burst,
+        s_history,
+        s_metrics,
+        s_recording,
+        s_scheduling,
+        s_store,
+    )
     from benchmarks.subjects import install_tracing
 
     install_tracing()
@@ -230,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "6": s_metrics.scenario6,
         "7": s_history.scenario7,
         "8": s_history.scenario8,
+        "9": s_burst.scenario9,
     }
     meta = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -126,7 +126,10 @@ class Running:
     interval so the load is steady, not a burst of every job at once.
     """
 
-    def __init__(self, subject: str, n: int, interval: float, lead: float = 3.0) -> None:
+    def __init__(
+        self, subject: str, n: int, interval: float, lead: float = 3.0, *, burst: bool = False
+    ) -> None:
+        """``burst``: every job's first fire time is the same instant (a whole second)."""
         from benchmarks import jobs
 
         self.subject = subject
@@ -136,8 +139,12 @@ class Running:
         self.thread_error: BaseException | None = None
         self.runtime: Any = None
         t0 = time.time() + lead
+        if burst:
+            t0 = float(int(t0) + 1)
+            self.phases = [t0] * n
+        else:
+            self.phases = [t0 + interval * i / n for i in range(n)]
         self.t_first = t0
-        self.phases = [t0 + interval * i / n for i in range(n)]
         jobs.starts.clear()
         if subject == OURS:
             from django_apscheduler_obs.scheduler import build_scheduler

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = {"1", "2", "3", "4", "5", "6", "7", "8"}
+SCENARIOS = {"1", "2", "3", "4", "5", "6", "7", "8", "9"}
 SUBJECTS = {"obs", "dja-0.7", "bare"}
 
 
@@ -46,3 +46,5 @@ def test_smoke_run_reports_every_scenario_for_every_subject(tmp_path: Path) -> N
     s1 = {r["subject"]: r["metrics"] for r in data["rows"] if r["scenario"] == "1"}
     assert s1["bare"]["recorded_once"] > 0
     assert s1["obs"]["recorded_once"] > 0
+    s9 = {r["subject"]: r["metrics"] for r in data["rows"] if r["scenario"] == "9"}
+    assert s9["obs"]["recorded_once"] == s9["obs"]["jobs"] > 0, s9["obs"]
