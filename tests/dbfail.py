@@ -17,6 +17,10 @@ from django.db.backends import utils
 
 # Every UPDATE of the job table, however the store builds it (ORM, raw SQL, behind a CTE).
 JOB_UPDATE = r"UPDATE \W?django_apscheduler_obs_djangojob\b"
+# A statement that is an UPDATE of the execution table (the final status write), not one that
+# only mentions it, like the scheduler pass on PostgreSQL (``WITH … UPDATE djangojob …
+# INSERT INTO djangojobexecution``).
+EXECUTION_UPDATE = r"^UPDATE \W?django_apscheduler_obs_djangojobexecution\b"
 
 
 class Outage:

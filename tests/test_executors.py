@@ -15,7 +15,7 @@ from django_apscheduler_obs.jobstores import DjangoJobStore
 from django_apscheduler_obs.models import DjangoJobExecution
 from tests import jobs
 from tests.conftest import RUN_EVENTS, EventLog, wait_for
-from tests.dbfail import outage
+from tests.dbfail import EXECUTION_UPDATE, outage
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -193,7 +193,7 @@ def test_claim_error_does_not_run_and_leaves_a_missed_row(make_runtime):
 
 def test_final_write_outage_is_buffered_and_the_scheduler_keeps_running(make_runtime):
     rt = make_runtime()
-    with outage(r"UPDATE .*djangojobexecution") as o:
+    with outage(EXECUTION_UPDATE) as o:
         o.down = True
         rt.scheduler.add_job(
             "tests.jobs:noop", "interval", seconds=0.3, id="buf", next_run_time=now()

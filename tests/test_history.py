@@ -15,7 +15,7 @@ from django_apscheduler_obs.models import DjangoJobExecution, SchedulerLease
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord
 from django_apscheduler_obs.sinks.history import Claim, HistorySink, is_transient
 from tests.conftest import wait_for
-from tests.dbfail import outage
+from tests.dbfail import EXECUTION_UPDATE, outage
 
 RT = datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=timezone.utc)
 INFO = JobInfo("job", "job", "tests.jobs:noop", "interval[0:00:01]", "default", "default", 1, 60)
@@ -180,7 +180,7 @@ def test_final_status_is_buffered_during_an_outage_and_flushed_in_order(sink):
 
 @pytest.mark.django_db(transaction=True)
 def test_a_second_outage_starts_a_new_flusher(sink):
-    with outage(r"UPDATE .*djangojobexecution") as o:
+    with outage(EXECUTION_UPDATE) as o:
         for i in range(2):
             sink.claim("job", RT + timedelta(seconds=i), None, group="g")
             o.down, o.remaining = True, 2
@@ -212,7 +212,7 @@ def test_buffer_is_bounded_and_drops_the_oldest(sink, settings):
 def test_a_poison_write_is_dropped_not_retried_forever(sink):
     """Bad data is not an outage: it must not block every later write behind it."""
     sink.claim("job", RT, None, group="g")
-    with outage(r"UPDATE .*djangojobexecution", DataError("value too long")) as o:
+    with outage(EXECUTION_UPDATE, DataError("value too long")) as o:
         o.down, o.remaining = True, 1
         sink.record(record(RT))
     assert sink.pending == 0
@@ -235,7 +235,7 @@ def test_transient_errors():
 def test_close_flushes_what_is_pending():
     sink = HistorySink()
     sink.claim("job", RT, None, group="g")
-    with outage(r"UPDATE .*djangojobexecution") as o:
+    with outage(EXECUTION_UPDATE) as o:
         o.down = True
         sink.record(record(RT))
         assert sink.pending == 1
