@@ -20,8 +20,9 @@ import pickle
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from typing import Any, cast
 
 from apscheduler import events
@@ -502,7 +503,14 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
                 advances.append(
                     passes.Advance(job.id, job.next_run_time, self._dumps(job), version)
                 )
-        rows = [row for sub in batch.submissions for row in sub.rows]
+        # A claimed row shows its claim's time as its start until the run writes its true
+        # start: the time of this write, not when APScheduler handed the job over.
+        claimed_at = datetime.now(dt_timezone.utc)
+        rows = [
+            replace(row, started=claimed_at) if row.started is not None else row
+            for sub in batch.submissions
+            for row in sub.rows
+        ]
         fence = None
         outcome: Claim | None = None
         result: passes.PassResult | None = None
