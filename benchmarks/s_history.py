@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import connection
@@ -74,6 +74,37 @@ def drop_jobs_beyond(subject: str, count: int) -> None:
     model.objects.filter(id__startswith="hist-").filter(id__gte=f"hist-{count:03d}").delete()
 
 
+def execution_columns(subject: str) -> list[str]:
+    cols = ["job_id", "status", "run_time", "duration", "finished", "exception", "traceback"]
+    if subject == OURS:
+        cols += ["started", "start_delay", "error_type", "trace_id", "span_id", "owner"]
+        cols += ["epoch", "trigger_source"]
+    return cols
+
+
+def execution_row(subject: str, job_id: str, rt: datetime, error: bool) -> tuple[Any, ...]:
+    """One finished run of 0.25 s at ``rt``, in the order of ``execution_columns``."""
+    status = "Error!" if error else "Executed"
+    finished = (rt + timedelta(seconds=0.25)).timestamp()
+    common = (job_id, status, db_datetime(rt), 0.25)
+    exc = ("boom" if error else None, "Traceback ..." if error else None)
+    if subject != OURS:
+        return (*common, round(finished, 2), *exc)
+    return (
+        *common,
+        round(finished, 6),
+        *exc,
+        db_datetime(rt + timedelta(milliseconds=3)),
+        0.003,
+        "ValueError" if error else "",
+        "",
+        "",
+        "bench:1:abc",
+        1,
+        "schedule",
+    )
+
+
 def ensure_history(subject: str, total: int) -> float:
     """``total`` execution rows over ``HISTORY_JOBS`` jobs and 14 days; returns load seconds."""
     model = execution_model(subject)
@@ -88,53 +119,11 @@ def ensure_history(subject: str, total: int) -> float:
 
     def rows() -> Any:
         for i in range(total):
-            rt = start + step * i
-            job_id = f"hist-{i % HISTORY_JOBS:03d}"
-            error = i % 50 == 0
-            status = "Error!" if error else "Executed"
-            finished = (rt + timedelta(seconds=0.25)).timestamp()
-            if subject == OURS:
-                yield (
-                    job_id,
-                    status,
-                    db_datetime(rt),
-                    0.25,
-                    round(finished, 6),
-                    "boom" if error else None,
-                    "Traceback ..." if error else None,
-                    db_datetime(rt + timedelta(milliseconds=3)),
-                    0.003,
-                    "ValueError" if error else "",
-                    "",
-                    "",
-                    "bench:1:abc",
-                    1,
-                    "schedule",
-                )
-            else:
-                yield (
-                    job_id,
-                    status,
-                    db_datetime(rt),
-                    0.25,
-                    round(finished, 2),
-                    "boom" if error else None,
-                    "Traceback ..." if error else None,
-                )
+            yield execution_row(
+                subject, f"hist-{i % HISTORY_JOBS:03d}", start + step * i, i % 50 == 0
+            )
 
-    cols = ["job_id", "status", "run_time", "duration", "finished", "exception", "traceback"]
-    if subject == OURS:
-        cols += [
-            "started",
-            "start_delay",
-            "error_type",
-            "trace_id",
-            "span_id",
-            "owner",
-            "epoch",
-            "trigger_source",
-        ]
-    bulk_insert(model, cols, rows())
+    bulk_insert(model, execution_columns(subject), rows())
     _analyze(model)
     return time.perf_counter() - t0
 
@@ -184,46 +173,17 @@ def ensure_few_runs(subject: str, jobs: int, runs: int = FEW_RUNS) -> None:
     model = execution_model(subject)
     truncate(model)
     now = timezone.now()
-    rows = []
-    for j in range(jobs):
-        for k in range(runs):
-            rt = now - timedelta(minutes=10 * (k + 1), seconds=j)
-            error = (j + k) % 10 == 0
-            status = "Error!" if error else "Executed"
-            finished = (rt + timedelta(seconds=0.25)).timestamp()
-            common = (f"hist-{j:03d}", status, db_datetime(rt), 0.25)
-            exc = ("boom" if error else None, "Traceback ..." if error else None)
-            if subject == OURS:
-                rows.append(
-                    (
-                        *common,
-                        round(finished, 6),
-                        *exc,
-                        db_datetime(rt + timedelta(milliseconds=3)),
-                        0.003,
-                        "ValueError" if error else "",
-                        "",
-                        "",
-                        "bench:1:abc",
-                        1,
-                        "schedule",
-                    )
-                )
-            else:
-                rows.append((*common, round(finished, 2), *exc))
-    cols = ["job_id", "status", "run_time", "duration", "finished", "exception", "traceback"]
-    if subject == OURS:
-        cols += [
-            "started",
-            "start_delay",
-            "error_type",
-            "trace_id",
-            "span_id",
-            "owner",
-            "epoch",
-            "trigger_source",
-        ]
-    bulk_insert(model, cols, rows)
+    rows = [
+        execution_row(
+            subject,
+            f"hist-{j:03d}",
+            now - timedelta(minutes=10 * (k + 1), seconds=j),
+            (j + k) % 10 == 0,
+        )
+        for j in range(jobs)
+        for k in range(runs)
+    ]
+    bulk_insert(model, execution_columns(subject), rows)
     _analyze(model)
 
 

@@ -118,6 +118,15 @@ class _Batches:
         op = ">" if strict else ">="
         return f"{self.rt} {op} %s AND {self.where}", [self.cursor, *self.params]
 
+    def _nth_run_time(self, c: Any, where: str, params: list[Any], n: int) -> Any:
+        """The run time of the n-th oldest matching row (an index scan), or None."""
+        c.execute(
+            f"SELECT {self.rt} FROM {self.table} WHERE {where} "
+            f"ORDER BY {self.rt} LIMIT 1 OFFSET %s",
+            [*params, n - 1],
+        )
+        return c.fetchone()
+
     def delete(self, n: int) -> tuple[int, bool]:
         """Delete a batch of about ``n`` rows, oldest first; returns how many went and whether
         more may be left."""
@@ -127,12 +136,7 @@ class _Batches:
                 # the cost of DELETE ... ctid = ANY(ARRAY(SELECT ... LIMIT n)) RETURNING.
                 # Rows sharing that run time (jobs firing together) go in the same batch.
                 where, params = self._after_cursor(strict=True)
-                c.execute(
-                    f"SELECT {self.rt} FROM {self.table} WHERE {where} "
-                    f"ORDER BY {self.rt} LIMIT 1 OFFSET %s",
-                    [*params, n - 1],
-                )
-                row = c.fetchone()
+                row = self._nth_run_time(c, where, params, n)
                 if row is None:
                     c.execute(f"DELETE FROM {self.table} WHERE {where}", params)
                     return int(c.rowcount), False
@@ -146,12 +150,7 @@ class _Batches:
                 # The n-th run time from the index first, so the next batch starts there
                 # instead of walking the delete-marked entries InnoDB has not purged yet.
                 where, params = self._after_cursor(strict=False)
-                c.execute(
-                    f"SELECT {self.rt} FROM {self.table} WHERE {where} "
-                    f"ORDER BY {self.rt} LIMIT 1 OFFSET %s",
-                    [*params, n - 1],
-                )
-                row = c.fetchone()
+                row = self._nth_run_time(c, where, params, n)
                 c.execute(
                     f"DELETE FROM {self.table} WHERE {where} ORDER BY {self.rt} LIMIT %s",
                     [*params, n],

@@ -32,7 +32,7 @@ from django.db.models import Field
 
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
 from django_apscheduler_obs.runs import TriggerSource
-from django_apscheduler_obs.sinks.history import Claim
+from django_apscheduler_obs.sinks.history import CLAIM_COLUMNS, Claim
 from django_apscheduler_obs.util import (
     get_django_internal_datetime,
     held_lease_sql,
@@ -138,20 +138,6 @@ def key(job_id: str, run_time: datetime) -> tuple[str, datetime]:
 class _Sql:
     """The statements of a pass, for one connection's vendor."""
 
-    CLAIM_COLUMNS = (
-        "job_id",
-        "run_time",
-        "status",
-        "owner",
-        "epoch",
-        "started",
-        "trigger_source",
-        "error_type",
-        "trace_id",
-        "span_id",
-        "exception",
-    )
-
     def __init__(self, conn: Any, fence: tuple[str, int] | None, group: str) -> None:
         self.conn = conn
         self.vendor = conn.vendor
@@ -187,7 +173,7 @@ class _Sql:
         """(source relation, its parameters, ``INSERT … SELECT`` from it, its parameters):
         every row inserted unless its fire time is claimed already, returning those inserted."""
         q = self.q
-        cols = ", ".join(q(c) for c in self.CLAIM_COLUMNS)
+        cols = ", ".join(q(c) for c in CLAIM_COLUMNS)
         src = self._source(
             "v",
             ("c_job", "c_rt", "c_status", "c_started", "c_source", "c_exc"),

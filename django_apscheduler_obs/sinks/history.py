@@ -75,6 +75,20 @@ def _dec(value: float | None) -> Decimal | None:
     return None if value is None else Decimal(f"{value:.6f}")
 
 
+# What a claim inserts, in this order (here one fire time, in ``passes`` a whole pass).
+CLAIM_COLUMNS = (
+    "job_id",
+    "run_time",
+    "status",
+    "owner",
+    "epoch",
+    "started",
+    "trigger_source",
+    "error_type",
+    "trace_id",
+    "span_id",
+    "exception",
+)
 _FINAL_COLUMNS = (
     "status",
     "finished",
@@ -157,19 +171,7 @@ class HistorySink:
         conn = connections[alias]
         ex = DjangoJobExecution._meta
         qn = conn.ops.quote_name
-        cols = [
-            "job_id",
-            "run_time",
-            "status",
-            "owner",
-            "epoch",
-            "started",
-            "trigger_source",
-            "error_type",
-            "trace_id",
-            "span_id",
-            "exception",
-        ]
+        cols = CLAIM_COLUMNS
         rt = conn.ops.adapt_datetimefield_value(get_django_internal_datetime(run_time))
         st = conn.ops.adapt_datetimefield_value(
             get_django_internal_datetime(started or timezone.now())
