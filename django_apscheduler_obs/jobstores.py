@@ -586,26 +586,25 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         transaction.on_commit(lambda: bump_change_counter(self._group))
 
     def _remove_from_loop(self, job_id: str) -> None:
-        if True:
-            if _replay_requested(job_id):  # its last fire time is not claimed yet
+        """Delete a one-off job after its last run, fenced like an update."""
+        if _replay_requested(job_id):  # its last fire time is not claimed yet
+            return
+        qs = DjangoJob.objects.filter(id=job_id)
+        if self.lease is not None:
+            fence = self.lease.fence()
+            if fence is None:
+                self._stale()
                 return
-            # A one-off job after its last run. Fenced like an update.
-            qs = DjangoJob.objects.filter(id=job_id)
-            if self.lease is not None:
-                fence = self.lease.fence()
-                if fence is None:
-                    self._stale()
-                    return
-                qs = qs.filter(Exists(self._fence_qs(*fence)))
-            try:
-                deleted = qs._raw_delete(qs.db)  # no signal: the leader needs no wakeup
-            except DatabaseError:
-                logger.warning("Could not remove finished job %r", job_id, exc_info=True)
-                reset_connection()
-                return
-            self._versions.pop(job_id, None)
-            if deleted and self._pass is not None:
-                self._pass.due.pop(job_id, None)
+            qs = qs.filter(Exists(self._fence_qs(*fence)))
+        try:
+            deleted = qs._raw_delete(qs.db)  # no signal: the leader needs no wakeup
+        except DatabaseError:
+            logger.warning("Could not remove finished job %r", job_id, exc_info=True)
+            reset_connection()
+            return
+        self._versions.pop(job_id, None)
+        if deleted and self._pass is not None:
+            self._pass.due.pop(job_id, None)
 
     @retry_on_db_operational_error
     def _delete(self, job_id: str) -> int:
