@@ -483,3 +483,19 @@ def test_the_cached_render_keeps_only_the_children_that_exist(settings):
     assert render(m.registry) == generate_latest(m.registry)
     cached = {values for children in m.job_series._cache.values() for values in children}
     assert {values[0] for values in cached} == {f"j{i}" for i in range(15, 20)}
+
+
+@pytest.mark.once
+def test_the_render_falls_back_to_prometheus_client_if_its_internals_change(monkeypatch, caplog):
+    m = SchedulerMetrics(CollectorRegistry(), process=False)
+    m.add_job("a")
+    m.record(_record("a"))
+
+    def changed(*args, **kwargs):
+        raise AttributeError("'Counter' object has no attribute '_metrics'")
+
+    monkeypatch.setattr(m.job_series, "_render", changed)
+    assert render(m.registry) == generate_latest(m.registry)
+    m.record(_record("a"))
+    assert render(m.registry) == generate_latest(m.registry)
+    assert caplog.text.count("Cached metrics rendering failed") == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,6 +32,8 @@ from prometheus_client.registry import Collector
 
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord
+
+logger = logging.getLogger(__name__)
 
 OTHER_JOB = "_other"
 OTHER_ERROR = "_OTHER"  # OpenTelemetry's fallback value for error.type
@@ -104,6 +107,7 @@ class JobSeries(Collector):
         self._cache: dict[tuple[str, Any], dict[tuple[str, ...], tuple[Any, ...]]] = {}
         self._heads: dict[tuple[str, Any], tuple[bytes, bytes]] = {}
         self._lock = threading.Lock()
+        self._broken = False
 
     def describe(self) -> Iterator[Metric]:
         for metric in self._metrics:
@@ -112,12 +116,20 @@ class JobSeries(Collector):
     def collect(self) -> Iterator[Metric]:
         encoder = _RENDERING.get()
         for metric in self._metrics:
-            if encoder is None:
+            if encoder is None or self._broken:
                 yield from metric.collect()
-            else:
+                continue
+            try:
                 with self._lock:
                     text = self._render(metric, encoder)
-                yield _RenderedFamily(metric.describe()[0], text)
+            except Exception:
+                # The cache reads prometheus_client's children and samples, which are not
+                # public API: if a release changes them, serve the plain path, never a 500.
+                logger.exception("Cached metrics rendering failed; using prometheus_client's")
+                self._broken = True
+                yield from metric.collect()
+                continue
+            yield _RenderedFamily(metric.describe()[0], text)
 
     def _render(self, metric: Any, encoder: Encoder) -> bytes:
         key = (metric._name, _encoder_key(encoder))
