@@ -54,15 +54,36 @@ def _unsigned_payload(state: bytes) -> bytes:
     return state[len(PREFIX) + _SIG_LEN + 1 :] if is_signed(state) else state
 
 
+def current_keys() -> tuple[bytes, ...] | None:
+    """The keys a signature may be made with now, current first; None if states are not
+    signed."""
+    if not conf.SIGN_JOB_STATE:
+        return None
+    secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+    return tuple(_key(s) for s in secrets)
+
+
+def signature(state: bytes) -> bytes | None:
+    """The signature part of a signed state (it names the payload), or None if unsigned."""
+    end = len(PREFIX) + _SIG_LEN
+    if state.startswith(PREFIX) and state[end : end + 1] == b"$":
+        return state[len(PREFIX) : end]
+    return None
+
+
 def verifier() -> Callable[[bytes], bytes]:
     """``verify`` with the settings read once: for a pass that restores many rows.
 
     Reading three lazy settings per row cost more than the HMAC itself (profiled on a pass
     restoring 10,000 due jobs).
     """
-    if not conf.SIGN_JOB_STATE:
+    return verifier_for(current_keys())
+
+
+def verifier_for(keys: tuple[bytes, ...] | None) -> Callable[[bytes], bytes]:
+    """``verify`` with the keys ``current_keys()`` returned."""
+    if keys is None:
         return _unsigned_payload
-    keys = [_key(s) for s in [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]]
     start, end = len(PREFIX), len(PREFIX) + _SIG_LEN
 
     def verify_state(state: bytes) -> bytes:
