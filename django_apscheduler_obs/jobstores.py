@@ -427,15 +427,19 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             if not due:  # the earliest future row: only its time is wanted
                 pass_.future = next_run_time
                 continue
-            state = bytes(job_state)
-            job = self._restored.get(job_id, state)
+            stored = bytes(job_state)
+            job = self._restored.get(job_id, stored)
             if job is None:
-                job = self._restore(job_id, state, verify)
-                if job is None:
+                try:
+                    state = self._load_state(stored, verify)
+                    job = self._job(state)
+                except Exception as exc:
+                    self._flag_unrestorable(job_id, exc)
                     continue
-                self._restored.put(job_id, state, job)
-            job._scheduler = self._scheduler
-            job._jobstore_alias = self._alias
+                self._restored.put_state(job_id, stored, state)
+            else:
+                job._scheduler = self._scheduler
+                job._jobstore_alias = self._alias
             self._versions[job_id] = version
             # Due at or before now until the pass advances it: its exact past time does not
             # change the answer of next_run_time(), and converting it costs per row.
@@ -743,7 +747,13 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
     def _reconstitute_job(
         self, job_state: bytes, verify: Callable[[bytes], bytes] = signing.verify
     ) -> Job:
-        state = pickle.loads(verify(job_state))  # noqa: S301 - signed by us
+        return self._job(self._load_state(job_state, verify))
+
+    def _load_state(self, job_state: bytes, verify: Callable[[bytes], bytes]) -> dict[str, Any]:
+        """``Job.__getstate__()`` of a stored state, once its signature is checked."""
+        return cast(dict[str, Any], pickle.loads(verify(job_state)))  # noqa: S301 - signed by us
+
+    def _job(self, state: dict[str, Any]) -> Job:
         job = Job.__new__(Job)
         job.__setstate__(state)
         job._scheduler = self._scheduler

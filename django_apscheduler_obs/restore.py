@@ -115,12 +115,16 @@ class RestoredJobs:
         return job
 
     def put(self, job_id: str, stored: bytes, job: Job) -> None:
-        """Keep ``job``'s state as the one the signed ``stored`` state holds (``job`` was
-        just restored from it, or written as it)."""
+        """Keep ``job``'s state as the one the signed ``stored`` state holds (``job`` was just
+        written as it)."""
+        if self._keys is not None:
+            self.put_state(job_id, stored, job.__getstate__())
+
+    def put_state(self, job_id: str, stored: bytes, state: dict[str, Any]) -> None:
+        """Keep ``state`` (unpickled from, or pickled as, the signed ``stored``)."""
         if self._keys is None:
             return
         signature = signing.signature(stored)
-        state = job.__getstate__()
         self._states.pop(job_id, None)  # re-inserted last: the oldest kept state goes first
         if signature is None or not shareable(state):
             return

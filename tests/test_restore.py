@@ -42,13 +42,13 @@ def store() -> Any:
     store = DjangoJobStore()
     store.start(scheduler, "default")
     restores: list[str] = []
-    real = store._reconstitute_job
+    real = store._load_state
 
-    def counting(job_state: bytes, *args: Any) -> Job:
+    def counting(job_state: bytes, *args: Any) -> dict[str, Any]:
         restores.append("row")
         return real(job_state, *args)
 
-    store._reconstitute_job = counting  # type: ignore[method-assign]
+    store._load_state = counting  # type: ignore[method-assign]
     store.restores = restores  # type: ignore[attr-defined]
     return store
 
@@ -176,8 +176,8 @@ def test_jobs_the_scheduler_loop_writes_are_read_back_without_unpickling(store):
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     loop_store = DjangoJobStore()
     restores: list[bytes] = []
-    real = loop_store._reconstitute_job
-    loop_store._reconstitute_job = lambda state, *a: restores.append(state) or real(state, *a)  # type: ignore[method-assign]
+    real = loop_store._load_state
+    loop_store._load_state = lambda state, *a: restores.append(state) or real(state, *a)  # type: ignore[method-assign]
     scheduler.add_jobstore(loop_store, "default")
     log = EventLog()
     scheduler.add_listener(log, EVENT_JOB_EXECUTED)
