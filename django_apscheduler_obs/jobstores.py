@@ -420,7 +420,7 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             self.pass_batch = passes.PassBatch()
         rows = _DueStatement.of(conn).rows(conn, now_db)
         keys = signing.current_keys()
-        self._restored.keyed(keys)
+        self._restored.begin_pass(keys)
         verify = signing.verifier_for(keys)
         jobs, pass_ = [], _Pass()
         for job_id, job_state, version, due, next_run_time in rows:

@@ -24,6 +24,7 @@ import contextlib
 import datetime as dt
 import decimal
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,10 +70,11 @@ def shareable(state: dict[str, Any]) -> bool:
     """Whether jobs restored from ``state`` (``Job.__getstate__()``) may share its trigger
     and arguments. A bound method's instance is among the arguments there, so a job on a
     method is never kept: it gets a fresh instance from each stored state, as before."""
+    args, kwargs = state["args"], state["kwargs"]
     return (
         type(state["trigger"]) in _SHARED_TRIGGERS
-        and _immutable(state["args"])
-        and all(_immutable(v) for v in state["kwargs"].values())
+        and (not args or _immutable(args))
+        and (not kwargs or all(_immutable(v) for v in kwargs.values()))
     )
 
 
@@ -84,12 +86,17 @@ class RestoredJobs:
 
     def __init__(self, max_jobs: int = MAX_JOBS) -> None:
         self.max_jobs = max_jobs
-        self._states: dict[str, tuple[bytes, dict[str, Any]]] = {}
+        # Oldest first; an OrderedDict drops its oldest in O(1), where a dict whose front was
+        # emptied walks the holes on each next(iter(...)).
+        # Each entry: signature, state, and the pass that last used it.
+        self._states: OrderedDict[str, tuple[bytes, dict[str, Any], int]] = OrderedDict()
         self._keys: Sequence[bytes] | None = None
+        self._pass = 0
 
-    def keyed(self, keys: Sequence[bytes] | None) -> None:
+    def begin_pass(self, keys: Sequence[bytes] | None) -> None:
         """Start a pass under the signing keys in force now: a key dropped from the settings
         must not keep vouching for jobs verified with it."""
+        self._pass += 1
         if keys != self._keys:
             self._states.clear()
             self._keys = keys
@@ -106,12 +113,17 @@ class RestoredJobs:
         signature = signing.signature(stored)
         if signature is None or signature != kept[0]:
             return None
+        if kept[2] != self._pass:
+            self._states[job_id] = (kept[0], kept[1], self._pass)
+            with contextlib.suppress(KeyError):  # forget() may run in another thread
+                self._states.move_to_end(job_id)
         job = Job.__new__(Job)
         try:
-            job.__setstate__({**kept[1], "kwargs": dict(kept[1]["kwargs"])})
+            job.__setstate__(kept[1])  # reads the state; keeps only what it shares
         except Exception:
             self.forget(job_id)
             return None
+        job.kwargs = dict(job.kwargs)
         return job
 
     def put(self, job_id: str, stored: bytes, job: Job) -> None:
@@ -121,7 +133,8 @@ class RestoredJobs:
             self.put_state(job_id, stored, job.__getstate__())
 
     def put_state(self, job_id: str, stored: bytes, state: dict[str, Any]) -> None:
-        """Keep ``state`` (unpickled from, or pickled as, the signed ``stored``)."""
+        """Keep ``state`` (unpickled from, or pickled as, the signed ``stored``). The dict
+        becomes the keeper's: pass a fresh one (from ``pickle.loads`` or ``__getstate__``)."""
         if self._keys is None:
             return
         signature = signing.signature(stored)
@@ -129,10 +142,16 @@ class RestoredJobs:
         if signature is None or not shareable(state):
             return
         if len(self._states) >= self.max_jobs:
-            # forget() may run in another thread (an update from outside the loop).
-            with contextlib.suppress(RuntimeError, StopIteration):
-                self._states.pop(next(iter(self._states)), None)
-        self._states[job_id] = (signature, {**state, "kwargs": dict(state["kwargs"])})
+            # The oldest goes, unless this pass used it: a pass with more due jobs than
+            # fit keeps serving the ones kept, instead of each evicting the next.
+            try:
+                if self._states[next(iter(self._states))][2] == self._pass:
+                    return
+                self._states.popitem(last=False)
+            except (KeyError, RuntimeError, StopIteration):  # forget() in another thread
+                return
+        state["kwargs"] = dict(state["kwargs"])  # not the dict of the job it came with
+        self._states[job_id] = (signature, state, self._pass)
 
     def forget(self, job_id: str) -> None:
         self._states.pop(job_id, None)

@@ -160,14 +160,33 @@ def test_unsigned_state_is_not_kept(store, settings):
 
 def test_the_kept_states_are_bounded_oldest_first(store):
     kept = restore.RestoredJobs(max_jobs=2)
-    kept.keyed(signing.current_keys())
     jobs = {i: add(store, f"b{i}") for i in range(3)}
     rows = {i: bytes(DjangoJob.objects.get(id=f"b{i}").job_state) for i in range(3)}
-    for i in range(3):
-        kept.put(f"b{i}", rows[i], jobs[i])
+    kept.begin_pass(signing.current_keys())
+    kept.put("b0", rows[0], jobs[0])
+    kept.put("b1", rows[1], jobs[1])
+    kept.begin_pass(signing.current_keys())
+    assert kept.get("b1", rows[1]) is not None  # used again: now the newest
+    kept.put("b2", rows[2], jobs[2])
     assert len(kept) == 2
     assert kept.get("b0", rows[0]) is None
     assert kept.get("b1", rows[1]) is not None and kept.get("b2", rows[2]) is not None
+
+
+def test_a_pass_with_more_due_jobs_than_fit_keeps_serving_the_kept_ones(store):
+    """Evicting the oldest on every miss would make each pass evict what the next needs."""
+    kept = restore.RestoredJobs(max_jobs=2)
+    jobs = {i: add(store, f"b{i}") for i in range(4)}
+    rows = {i: bytes(DjangoJob.objects.get(id=f"b{i}").job_state) for i in range(4)}
+    for _ in range(3):
+        kept.begin_pass(signing.current_keys())
+        served = []
+        for i in range(4):
+            if kept.get(f"b{i}", rows[i]) is not None:
+                served.append(i)
+            else:
+                kept.put(f"b{i}", rows[i], jobs[i])
+    assert served == [0, 1] and len(kept) == 2
 
 
 def test_jobs_the_scheduler_loop_writes_are_read_back_without_unpickling(store):
