@@ -22,6 +22,7 @@ from apscheduler.triggers.calendarinterval import CalendarIntervalTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from apscheduler.util import obj_to_ref, ref_to_obj
 from django.core.exceptions import ImproperlyConfigured
+from django.db.models import Q
 from django.utils.module_loading import autodiscover_modules
 
 from django_apscheduler_obs.conf import conf
@@ -259,11 +260,13 @@ def sync_jobs(scheduler: BaseScheduler, jobstore: str = "default") -> dict[str, 
         "removed": [],
     }
     declared = {spec.id for spec in registry}
+    # Only declared jobs and jobs declared earlier (they have a hash): a store of 100,000 jobs
+    # added through the API is not read into memory at every start.
     rows = {
         job_id: (digest, next_run_time, restore_error)
-        for job_id, digest, next_run_time, restore_error in DjangoJob.objects.values_list(
-            "id", "definition_hash", "next_run_time", "restore_error"
-        )
+        for job_id, digest, next_run_time, restore_error in DjangoJob.objects.filter(
+            Q(id__in=declared) | ~Q(definition_hash="")
+        ).values_list("id", "definition_hash", "next_run_time", "restore_error")
     }
     stored = {job_id: row[0] for job_id, row in rows.items()}
     # A new deploy may have fixed what made a declared job unrestorable: try again.
