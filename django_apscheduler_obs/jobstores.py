@@ -38,7 +38,12 @@ from django.db.models import BooleanField, Exists, ExpressionWrapper, F, Field, 
 from django_apscheduler_obs import passes, restore, signing
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.lease import Lease, bump_change_counter, freeze_point
-from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
+from django_apscheduler_obs.models import (
+    DjangoJob,
+    DjangoJobExecution,
+    JobStoreVersion,
+    SchedulerLease,
+)
 from django_apscheduler_obs.sinks.history import Claim
 from django_apscheduler_obs.util import (
     DbNow,
@@ -488,22 +493,27 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
 
     @retry_on_db_operational_error
     def add_job(self, job: Job) -> None:
+        row = DjangoJob(
+            id=job.id,
+            next_run_time=get_django_internal_datetime(job.next_run_time),
+            job_state=self._dumps(job),
+        )
         try:
-            # bulk_create sends no post_save: the one change-counter bump below names our
-            # group (the signal's receiver only knows the default one).
-            with transaction.atomic():
-                DjangoJob.objects.bulk_create(
-                    [
-                        DjangoJob(
-                            id=job.id,
-                            next_run_time=get_django_internal_datetime(job.next_run_time),
-                            job_state=self._dumps(job),
-                        )
-                    ]
-                )
+            # bulk_create sends no post_save: the one change-counter bump names our group
+            # (the signal's receiver only knows the default one).
+            self._announced(lambda alias: len(DjangoJob.objects.using(alias).bulk_create([row])))
         except IntegrityError:
             raise ConflictingIdError(job.id) from None
-        transaction.on_commit(lambda: bump_change_counter(self._group))
+
+    @staticmethod
+    def _owns_transaction(alias: str) -> bool:
+        """Whether a write of ours commits by itself, so that the leader's wake-up can share
+        its commit (one commit per ``add_job``, not two). In a caller's transaction the bump
+        waits for that commit: holding the counter's row lock until then would make every
+        other writer of jobs wait for the caller."""
+        return not db.connections[alias].in_atomic_block and (
+            router.db_for_write(JobStoreVersion) == alias
+        )
 
     def update_job(self, job: Job) -> None:
         if in_scheduler_loop():
@@ -512,19 +522,36 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
                 return
             self._update_from_loop(job)
             return
-        n = self._plain_update(job)
-        if n == 0:
+        if self._plain_update(job) == 0:
             raise JobLookupError(job.id)
-        transaction.on_commit(lambda: bump_change_counter(self._group))
 
     @retry_on_db_operational_error
     def _plain_update(self, job: Job) -> int:
-        return DjangoJob.objects.filter(id=job.id).update(
-            next_run_time=get_django_internal_datetime(job.next_run_time),
-            job_state=self._dumps(job),
-            version=F("version") + 1,
-            restore_error="",
+        return self._announced(
+            lambda alias: (
+                DjangoJob.objects.using(alias)
+                .filter(id=job.id)
+                .update(
+                    next_run_time=get_django_internal_datetime(job.next_run_time),
+                    job_state=self._dumps(job),
+                    version=F("version") + 1,
+                    restore_error="",
+                )
+            )
         )
+
+    def _announced(self, write: Callable[[str], int]) -> int:
+        """Run ``write`` (rows changed) and wake the leader if it changed any: in one commit
+        when the write commits by itself."""
+        alias = router.db_for_write(DjangoJob)
+        own = self._owns_transaction(alias)
+        with transaction.atomic(using=alias):
+            n = write(alias)
+            if n and own:
+                bump_change_counter(self._group)
+        if n and not own:
+            transaction.on_commit(lambda: bump_change_counter(self._group), using=alias)
+        return n
 
     def _update_from_loop(self, job: Job) -> None:
         """The leader advancing a job after submitting it: fenced, versioned, never raises.
@@ -682,7 +709,6 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         if not self._delete(job_id):
             raise JobLookupError(job_id)
         self._versions.pop(job_id, None)
-        transaction.on_commit(lambda: bump_change_counter(self._group))
 
     def _remove_from_loop(self, job_id: str) -> None:
         """Delete a one-off job after its last run, fenced like an update."""
@@ -708,8 +734,11 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
 
     @retry_on_db_operational_error
     def _delete(self, job_id: str) -> int:
-        qs = DjangoJob.objects.filter(id=job_id)
-        return int(qs._raw_delete(qs.db))  # one bump (with our group) instead of a signal
+        def delete(alias: str) -> int:
+            qs = DjangoJob.objects.using(alias).filter(id=job_id)
+            return int(qs._raw_delete(alias))  # one bump (with our group) instead of a signal
+
+        return self._announced(delete)
 
     @retry_on_db_operational_error
     def remove_all_jobs(self) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from django.db import DatabaseError, IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, router, transaction
 from django.db import connections as db_connections
 from django.db.models import DateTimeField as DTField
 from django.db.models import ExpressionWrapper, F, Value
@@ -145,14 +145,21 @@ def _owner_is_dead_local(owner: str) -> bool:
 
 
 def bump_change_counter(group: str | None = None) -> None:
-    """Tell the leader that jobs changed outside its own loop. Safe to call from anywhere."""
+    """Tell the leader that jobs changed outside its own loop. Safe to call from anywhere:
+    inside a transaction it is a savepoint of it (a failed bump never undoes the caller's
+    writes) and is seen with the caller's commit."""
     group = group or conf.GROUP
+    alias = router.db_for_write(JobStoreVersion)
+    nested = db_connections[alias].in_atomic_block
+    counter = JobStoreVersion.objects.using(alias).filter(name=group)
     try:
-        if not JobStoreVersion.objects.filter(name=group).update(version=F("version") + 1):
-            try:
-                JobStoreVersion.objects.create(name=group, version=1)
-            except IntegrityError:
-                JobStoreVersion.objects.filter(name=group).update(version=F("version") + 1)
+        with transaction.atomic(using=alias) if nested else contextlib.nullcontext():
+            if not counter.update(version=F("version") + 1):
+                try:
+                    with transaction.atomic(using=alias):
+                        JobStoreVersion.objects.using(alias).create(name=group, version=1)
+                except IntegrityError:
+                    counter.update(version=F("version") + 1)
     except DatabaseError:
         logger.warning(
             "Could not bump the job change counter; the leader re-reads within %ss", conf.MAX_SLEEP

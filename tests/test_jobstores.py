@@ -18,12 +18,12 @@ from apscheduler.job import Job
 from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
-from django.db import connection
+from django.db import connection, transaction
 
 from django_apscheduler_obs import signing
 from django_apscheduler_obs.jobstores import DjangoJobStore, DjangoMemoryJobStore
 from django_apscheduler_obs.lease import Lease
-from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution
+from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, JobStoreVersion
 from tests.conftest import EventLog, wait_for
 from tests.dbfail import JOB_UPDATE, outage
 
@@ -527,3 +527,59 @@ def test_database_errors_in_due_jobs_and_next_run_time_do_not_kill_the_scheduler
         finally:
             sched.shutdown(wait=True)
         connection.close()
+
+
+# -- the leader's wake-up (change counter) ---------------------------------------------------
+
+
+def _counter() -> int | None:
+    return JobStoreVersion.objects.filter(name="default").values_list("version", flat=True).first()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_write_outside_a_transaction_wakes_the_leader_in_its_own_commit(
+    persistent_jobstore, scheduler
+):
+    before = _counter() or 0
+    job = make_job(scheduler, id="wake")
+    persistent_jobstore.add_job(job)
+    assert _counter() == before + 1
+    job._modify(name="renamed")
+    persistent_jobstore.update_job(job)
+    persistent_jobstore.remove_job("wake")
+    assert _counter() == before + 3
+    with pytest.raises(JobLookupError):
+        persistent_jobstore.remove_job("wake")
+    assert _counter() == before + 3  # nothing changed: nobody is woken
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_write_inside_a_callers_transaction_wakes_the_leader_when_it_commits(
+    persistent_jobstore, scheduler
+):
+    before = _counter() or 0
+    with transaction.atomic():
+        persistent_jobstore.add_job(make_job(scheduler, id="later"))
+        assert (_counter() or 0) == before  # the counter row is not locked for the caller's time
+    assert _counter() == before + 1
+    with pytest.raises(RuntimeError), transaction.atomic():
+        persistent_jobstore.add_job(make_job(scheduler, id="rolled-back"))
+        raise RuntimeError
+    assert _counter() == before + 1 and not DjangoJob.objects.filter(id="rolled-back").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_wake_up_never_undoes_the_write(persistent_jobstore, scheduler, caplog):
+    """A real error of the database (the counter's table is gone), which on PostgreSQL
+    aborts the whole transaction unless the bump is a savepoint of it."""
+    table = JobStoreVersion._meta.db_table
+    q = connection.ops.quote_name
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {q(table)} RENAME TO {q(table + '_away')}")
+    try:
+        persistent_jobstore.add_job(make_job(scheduler, id="kept"))
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {q(table + '_away')} RENAME TO {q(table)}")
+    assert DjangoJob.objects.filter(id="kept").exists()
+    assert "Could not bump the job change counter" in caplog.text
