@@ -537,9 +537,7 @@ def _counter() -> int | None:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_write_outside_a_transaction_wakes_the_leader_in_its_own_commit(
-    persistent_jobstore, scheduler
-):
+def test_a_write_outside_a_transaction_wakes_the_leader_after_it(persistent_jobstore, scheduler):
     before = _counter() or 0
     job = make_job(scheduler, id="wake")
     persistent_jobstore.add_job(job)
