@@ -31,7 +31,6 @@ from django.utils import timezone
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.models import DjangoJobExecution, SchedulerLease
 from django_apscheduler_obs.runs import Outcome, RunRecord, TriggerSource
-from django_apscheduler_obs.sinks.commits import GroupCommit
 from django_apscheduler_obs.util import (
     get_django_internal_datetime,
     held_lease_sql,
@@ -147,7 +146,6 @@ class HistorySink:
         self._flusher: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopped = False
-        self.commits = GroupCommit(_db_alias)
 
     # -- the claim ---------------------------------------------------------------------------
 
@@ -282,7 +280,7 @@ class HistorySink:
             self._enqueue(operation, write)
             return
         try:
-            self.commits.run(write)  # with other threads' writes, in one commit
+            write()
         except DatabaseError as exc:
             reset_connection(_db_alias())
             self._count_error(operation)
