@@ -137,10 +137,7 @@ class RestoredJobs:
         becomes the keeper's: pass a fresh one (from ``pickle.loads`` or ``__getstate__``)."""
         if self._keys is None:
             return
-        signature = signing.signature(stored)
         self._states.pop(job_id, None)  # re-inserted last: the oldest kept state goes first
-        if signature is None or not shareable(state):
-            return
         if len(self._states) >= self.max_jobs:
             # The oldest goes, unless this pass used it: a pass with more due jobs than
             # fit keeps serving the ones kept, instead of each evicting the next.
@@ -150,6 +147,9 @@ class RestoredJobs:
                 self._states.popitem(last=False)
             except (KeyError, RuntimeError, StopIteration):  # forget() in another thread
                 return
+        signature = signing.signature(stored)
+        if signature is None or not shareable(state):
+            return
         state["kwargs"] = dict(state["kwargs"])  # not the dict of the job it came with
         self._states[job_id] = (signature, state, self._pass)
 
