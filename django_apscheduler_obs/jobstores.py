@@ -564,9 +564,10 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
                 self._stale()
                 return
             freeze_point("update")  # TEST-ONLY hook: off unless APSCHEDULER_TEST_HOOKS
-        state = self._dumps(job)
+        state = job.__getstate__()  # pickled here, and kept as written (restore.py)
+        stored = self._dumps_state(state)
         try:
-            n = self._loop_update(job, state, version, fence)
+            n = self._loop_update(job, stored, version, fence)
         except DatabaseError:
             logger.warning(
                 "Could not save job %r after submitting it; it is replayed (and "
@@ -581,7 +582,7 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             return
         if version is not None:
             self._versions[job.id] = version + 1
-        self._restored.put(job.id, state, job)
+        self._restored.put_state(job.id, stored, state)
         if self._pass is not None and job.id in self._pass.due:
             self._pass.due[job.id] = get_django_internal_datetime(job.next_run_time)
 
@@ -613,14 +614,15 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
         batch, self.pass_batch = self.pass_batch, None
         if batch is None:
             return
-        advances, unversioned = [], []
+        advances, unversioned, states = [], [], {}
         for job in batch.advances.values():
             version = self._versions.get(job.id)
             if version is None:
                 unversioned.append(job)
             else:
+                states[job.id] = state = job.__getstate__()  # kept as written (restore.py)
                 advances.append(
-                    passes.Advance(job.id, job.next_run_time, self._dumps(job), version)
+                    passes.Advance(job.id, job.next_run_time, self._dumps_state(state), version)
                 )
         # A claimed row shows its claim's time as its start until the run writes its true
         # start: the time of this write, not when APScheduler handed the job over.
@@ -659,7 +661,7 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             if advanced == len(advances):
                 for adv in advances:
                     self._versions[adv.job_id] = adv.version + 1
-                    self._restored.put(adv.job_id, adv.job_state, batch.advances[adv.job_id])
+                    self._restored.put_state(adv.job_id, adv.job_state, states[adv.job_id])
                     if self._pass is not None and adv.job_id in self._pass.due:
                         self._pass.due[adv.job_id] = get_django_internal_datetime(adv.next_run_time)
         for sub in batch.submissions:
@@ -766,7 +768,10 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             self.on_stale_write()
 
     def _dumps(self, job: Job) -> bytes:
-        return signing.sign(pickle.dumps(job.__getstate__(), self.pickle_protocol))
+        return self._dumps_state(job.__getstate__())
+
+    def _dumps_state(self, state: dict[str, Any]) -> bytes:
+        return signing.sign(pickle.dumps(state, self.pickle_protocol))
 
     def _reconstitute_job(
         self, job_state: bytes, verify: Callable[[bytes], bytes] = signing.verify

@@ -126,15 +126,10 @@ class RestoredJobs:
         job.kwargs = dict(job.kwargs)
         return job
 
-    def put(self, job_id: str, stored: bytes, job: Job) -> None:
-        """Keep ``job``'s state as the one the signed ``stored`` state holds (``job`` was just
-        written as it)."""
-        if self._keys is not None:
-            self.put_state(job_id, stored, job.__getstate__())
-
     def put_state(self, job_id: str, stored: bytes, state: dict[str, Any]) -> None:
         """Keep ``state`` (unpickled from, or pickled as, the signed ``stored``). The dict
-        becomes the keeper's: pass a fresh one (from ``pickle.loads`` or ``__getstate__``)."""
+        becomes the keeper's: pass a fresh one (from ``pickle.loads`` or ``__getstate__``);
+        its ``kwargs`` is copied, so the job it came with keeps its own."""
         if self._keys is None:
             return
         self._states.pop(job_id, None)  # re-inserted last: the oldest kept state goes first

@@ -84,12 +84,13 @@ def verifier_for(keys: tuple[bytes, ...] | None) -> Callable[[bytes], bytes]:
     """``verify`` with the keys ``current_keys()`` returned."""
     if keys is None:
         return _unsigned_payload
-    start, end = len(PREFIX), len(PREFIX) + _SIG_LEN
+    payload_start = len(PREFIX) + _SIG_LEN + 1
 
     def verify_state(state: bytes) -> bytes:
-        if not state.startswith(PREFIX) or state[end : end + 1] != b"$":
+        sig = signature(state)
+        if sig is None:
             raise BadSignature("job state is not signed")
-        sig, payload = state[start:end], state[end + 1 :]
+        payload = state[payload_start:]
         for key in keys:
             if hmac.compare_digest(sig, hmac.digest(key, payload, "sha256").hex().encode()):
                 return payload

@@ -22,7 +22,7 @@ from django.db import connection, transaction
 
 from django_apscheduler_obs import signing
 from django_apscheduler_obs.jobstores import DjangoJobStore, DjangoMemoryJobStore
-from django_apscheduler_obs.lease import Lease
+from django_apscheduler_obs.lease import Lease, bump_change_counter
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, JobStoreVersion
 from tests.conftest import EventLog, wait_for
 from tests.dbfail import JOB_UPDATE, outage
@@ -569,15 +569,19 @@ def test_a_write_inside_a_callers_transaction_wakes_the_leader_when_it_commits(
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_wake_up_never_undoes_the_write(persistent_jobstore, scheduler, caplog):
     """A real error of the database (the counter's table is gone), which on PostgreSQL
-    aborts the whole transaction unless the bump is a savepoint of it."""
+    aborts the whole transaction unless the bump is a savepoint of it: after the store's own
+    write, and when a caller bumps inside its transaction."""
     table = JobStoreVersion._meta.db_table
     q = connection.ops.quote_name
     with connection.cursor() as cursor:
         cursor.execute(f"ALTER TABLE {q(table)} RENAME TO {q(table + '_away')}")
     try:
         persistent_jobstore.add_job(make_job(scheduler, id="kept"))
+        with transaction.atomic():
+            persistent_jobstore.add_job(make_job(scheduler, id="kept-in-a-transaction"))
+            bump_change_counter()
     finally:
         with connection.cursor() as cursor:
             cursor.execute(f"ALTER TABLE {q(table + '_away')} RENAME TO {q(table)}")
-    assert DjangoJob.objects.filter(id="kept").exists()
+    assert set(DjangoJob.objects.values_list("id", flat=True)) == {"kept", "kept-in-a-transaction"}
     assert "Could not bump the job change counter" in caplog.text

@@ -163,11 +163,11 @@ def test_the_kept_states_are_bounded_oldest_first(store):
     jobs = {i: add(store, f"b{i}") for i in range(3)}
     rows = {i: bytes(DjangoJob.objects.get(id=f"b{i}").job_state) for i in range(3)}
     kept.begin_pass(signing.current_keys())
-    kept.put("b0", rows[0], jobs[0])
-    kept.put("b1", rows[1], jobs[1])
+    kept.put_state("b0", rows[0], jobs[0].__getstate__())
+    kept.put_state("b1", rows[1], jobs[1].__getstate__())
     kept.begin_pass(signing.current_keys())
     assert kept.get("b1", rows[1]) is not None  # used again: now the newest
-    kept.put("b2", rows[2], jobs[2])
+    kept.put_state("b2", rows[2], jobs[2].__getstate__())
     assert len(kept) == 2
     assert kept.get("b0", rows[0]) is None
     assert kept.get("b1", rows[1]) is not None and kept.get("b2", rows[2]) is not None
@@ -185,7 +185,7 @@ def test_a_pass_with_more_due_jobs_than_fit_keeps_serving_the_kept_ones(store):
             if kept.get(f"b{i}", rows[i]) is not None:
                 served.append(i)
             else:
-                kept.put(f"b{i}", rows[i], jobs[i])
+                kept.put_state(f"b{i}", rows[i], jobs[i].__getstate__())
     assert served == [0, 1] and len(kept) == 2
 
 
