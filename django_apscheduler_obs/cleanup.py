@@ -39,7 +39,7 @@ CLEANUP_JOB_ID = "django_apscheduler_obs.cleanup"
 # Set by the scheduler so the built-in job can count what it deleted.
 on_deleted: Callable[[int], None] | None = None
 
-TARGET_S = 0.075  # aimed-at seconds per statement
+TARGET_S = 0.1  # aimed-at seconds per statement
 BUDGET_S = 0.25  # no statement should come near this: one that takes half of it is cut back
 # Growth per statement: a small statement's time is mostly fixed overhead, so it says little
 # about a large one; once one takes a quarter of the target, cost per row is known: 2x.

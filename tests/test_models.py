@@ -122,3 +122,33 @@ def test_long_job_id_round_trips():
     DjangoJob.objects.create(id=job_id, job_state=b"")
     DjangoJobExecution.objects.create(job_id=job_id, run_time=RT, status="Executed")
     assert DjangoJobExecution.objects.get(job_id=job_id).job_id == job_id
+
+
+# -- migration 0004: the redundant job_id index ----------------------------------------------
+
+
+def _indexes_on(columns: list[str]) -> list[str]:
+    with connection.cursor() as c:
+        found = connection.introspection.get_constraints(c, DjangoJobExecution._meta.db_table)
+    return [n for n, i in found.items() if (i["index"] or i["unique"]) and i["columns"] == columns]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0004_drops_only_the_redundant_job_index_and_reverses():
+    from django.db.migrations.executor import MigrationExecutor
+
+    app = "django_apscheduler_obs"
+    DjangoJobExecution.objects.create(job_id="kept", status="Executed", run_time=RT)
+    assert _indexes_on(["job_id"]) == []  # the current schema has no single-column index
+    try:
+        MigrationExecutor(connection).migrate([(app, "0003_sign_job_state")])
+        assert len(_indexes_on(["job_id"])) == 1  # 0.7's schema, restored by the reverse
+        MigrationExecutor(connection).migrate([(app, "0004_drop_redundant_job_index")])
+        assert _indexes_on(["job_id"]) == []
+    finally:
+        MigrationExecutor(connection).migrate(
+            MigrationExecutor(connection).loader.graph.leaf_nodes(app)
+        )
+    # The indexes that lead with job_id and serve lookups by job are untouched; no row moved.
+    assert _indexes_on(["job_id", "run_time"]) and _indexes_on(["job_id", "status", "run_time"])
+    assert DjangoJobExecution.objects.filter(job_id="kept").count() == 1
