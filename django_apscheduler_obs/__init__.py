@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "scheduled_job"]
+__all__ = ["__version__", "current_run", "scheduled_job"]
 
 
 def __getattr__(name: str) -> object:
@@ -14,4 +14,8 @@ def __getattr__(name: str) -> object:
         from django_apscheduler_obs.registry import scheduled_job
 
         return scheduled_job
+    if name == "current_run":
+        from django_apscheduler_obs.runs import current_run
+
+        return current_run
     raise AttributeError(name)

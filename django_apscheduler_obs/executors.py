@@ -17,14 +17,12 @@ Per fire time::
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import sys
 import threading
 import time
 import traceback as tb_module
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +40,15 @@ from django_apscheduler_obs.jobstores import in_scheduler_loop, request_replay
 from django_apscheduler_obs.lease import freeze_point, unsafe_no_claim
 from django_apscheduler_obs.models import DjangoJobExecution
 from django_apscheduler_obs.passes import ClaimRow, PreClaim, Submission, pass_batch
-from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
+from django_apscheduler_obs.runs import (
+    CurrentRun,
+    JobInfo,
+    Outcome,
+    RunRecord,
+    TriggerSource,
+    enter_run,
+    exit_run,
+)
 from django_apscheduler_obs.sinks import tracing
 from django_apscheduler_obs.sinks.history import Claim, HistorySink
 from django_apscheduler_obs.util import recycle_worker_connections
@@ -55,21 +61,6 @@ logger = logging.getLogger(__name__)
 
 HEARTBEAT_JOB_ID = "django_apscheduler_obs.heartbeat"
 MAX_COALESCE_REPLAY = 1000  # a second-level cron after a day's outage: stop counting there
-
-
-@dataclass(frozen=True)
-class CurrentRun:
-    """What a running job may want to know about itself (``current_run.get()``)."""
-
-    job_id: str
-    run_time: datetime
-    trigger_source: TriggerSource
-    epoch: int | None
-
-
-current_run: contextvars.ContextVar[CurrentRun | None] = contextvars.ContextVar(
-    "apscheduler_current_run", default=None
-)
 
 
 class RunObserver:
@@ -374,7 +365,9 @@ def _run_one(
             record.started = datetime.now(timezone.utc)
             record.start_delay = (record.started - run_time).total_seconds()
             observer.started(info, key, record.started.timestamp())
-            token = current_run.set(CurrentRun(job.id, run_time, trigger_source, record.epoch))
+            token = enter_run(
+                CurrentRun(job.id, run_time, trigger_source, record.epoch, record.trace_id)
+            )
             run_logger.info('Running job "%s" (scheduled at %s)', job, run_time)
             t0 = time.perf_counter()
             try:
@@ -408,7 +401,7 @@ def _run_one(
                     )
                 )
             finally:
-                current_run.reset(token)
+                exit_run(token)
                 record.finished = datetime.now(timezone.utc)
             try:
                 tracing.finish_span(span, record)

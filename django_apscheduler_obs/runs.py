@@ -7,6 +7,8 @@ places compute timings differently.
 from __future__ import annotations
 
 import enum
+import functools
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -101,3 +103,54 @@ class RunRecord:
         if len(text) > EXCEPTION_MAX_LENGTH:
             text = text[: EXCEPTION_MAX_LENGTH - 1] + "…"
         return text
+
+
+@dataclass(frozen=True)
+class CurrentRun:
+    """The run a job function is executing in, as ``current_run()`` returns it.
+
+    ``run_time`` is the fire time the scheduler claimed, not the clock: a job that processes
+    "the hour that ended at ``run_time``" does the same work however late it starts, and the
+    execution row of that fire time is unique, so a job can make itself idempotent on it.
+    """
+
+    job_id: str
+    run_time: datetime  # scheduled fire time (aware)
+    trigger_source: TriggerSource  # SCHEDULE, or RUN_NOW for a run-now request
+    epoch: int | None = None  # the leader's fencing epoch that claimed it (None: not fenced)
+    trace_id: str = ""  # 32 hex digits of the run's trace, "" when no tracer is set
+
+    @functools.cached_property
+    def execution_id(self) -> int | None:
+        """The id of this fire time's ``DjangoJobExecution`` row; looked up (one indexed
+        query) on first use only, so runs that never ask pay nothing. None if the run has no
+        row (history off, or the row could not be written)."""
+        from django_apscheduler_obs.models import DjangoJobExecution
+
+        return (
+            DjangoJobExecution.objects.filter(job_id=self.job_id, run_time=self.run_time)
+            .values_list("id", flat=True)
+            .first()
+        )
+
+
+_current: ContextVar[CurrentRun | None] = ContextVar("apscheduler_current_run", default=None)
+
+
+def current_run() -> CurrentRun | None:
+    """The run the calling code executes in, or None outside a job's run.
+
+    Set in the thread that runs the job's function for the duration of the call. Like any
+    context variable it does not follow the job into threads it starts itself
+    (``contextvars.copy_context().run`` carries it there).
+    """
+    return _current.get()
+
+
+def enter_run(run: CurrentRun) -> Token[CurrentRun | None]:
+    """Make ``run`` the current run (the executor calls this around the job's function)."""
+    return _current.set(run)
+
+
+def exit_run(token: Token[CurrentRun | None]) -> None:
+    _current.reset(token)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from django_apscheduler_obs.executors import current_run
+from django_apscheduler_obs.runs import current_run
 
 release = threading.Event()
 
@@ -30,9 +30,18 @@ def block() -> None:
 def ledger() -> None:
     from tests.testapp.models import Ledger
 
-    run = current_run.get()
+    run = current_run()
     assert run is not None
     Ledger.objects.create(job_id=run.job_id, run_time=run.run_time)
+
+
+# What ``remembers_run`` saw: (current_run(), its execution_id) per call.
+seen_runs: list[tuple[object, object]] = []
+
+
+def remembers_run() -> None:
+    run = current_run()
+    seen_runs.append((run, run.execution_id if run is not None else None))
 
 
 # Set by tracing tests: the provider a job uses for its own spans.
