@@ -142,7 +142,7 @@ def test_migration_0004_drops_only_the_redundant_job_index_and_reverses():
     assert _indexes_on(["job_id"]) == []  # the current schema has no single-column index
     try:
         MigrationExecutor(connection).migrate([(app, "0003_sign_job_state")])
-        assert len(_indexes_on(["job_id"])) == 1  # 0.7's schema, restored by the reverse
+        assert len(_indexes_on(["job_id"])) == 1  # the index of 0001, restored by the reverse
         MigrationExecutor(connection).migrate([(app, "0004_drop_redundant_job_index")])
         assert _indexes_on(["job_id"]) == []
     finally:
