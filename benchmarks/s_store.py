@@ -129,12 +129,12 @@ def measure_store(subject: str, n: int, cfg: Any) -> dict[str, Any]:
     all_at = BASE + timedelta(seconds=n)
     assert len(store.get_due_jobs(half_at)) == n // 2, "half due"
     big = cfg.repeats_big
-    fresh: list[Any] = [None]
+    fresh: list[Any] = [None]  # the store the timed read uses
 
-    def new_store(holder: list[Any]) -> None:
-        holder[0] = None
+    def new_store() -> None:
+        fresh[0] = None
         gc.collect()
-        holder[0] = make_store(subject)[0]
+        fresh[0] = make_store(subject)[0]
 
     m: dict[str, Any] = {
         "jobs": n,
@@ -149,7 +149,7 @@ def measure_store(subject: str, n: int, cfg: Any) -> dict[str, Any]:
         # before the clock starts (their schedulers' listeners make cycles, and ours keeps
         # the states it verified, which a collection in the timed read would walk).
         "due_half_first_ms": timed(
-            lambda: fresh[0].get_due_jobs(half_at), big, setup=lambda: new_store(fresh)
+            lambda: fresh[0].get_due_jobs(half_at), big, setup=new_store
         ).as_dict(ms, 1),
         "due_all_ms": timed(lambda: store.get_due_jobs(all_at), big).as_dict(ms, 1),
         "next_run_time_ms": timed(store.get_next_run_time, cfg.repeats_small).as_dict(ms),

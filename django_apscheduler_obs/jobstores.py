@@ -34,11 +34,17 @@ from apscheduler.schedulers.base import BaseScheduler
 from django import db
 from django.db import DatabaseError, IntegrityError, router, transaction
 from django.db.models import BooleanField, Exists, ExpressionWrapper, F, Field, Q, Subquery, Value
+from django.db.models.sql import InsertQuery
 
 from django_apscheduler_obs import passes, restore, signing
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.lease import Lease, bump_change_counter, freeze_point
-from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution, SchedulerLease
+from django_apscheduler_obs.models import (
+    DjangoJob,
+    DjangoJobExecution,
+    JobStoreVersion,
+    SchedulerLease,
+)
 from django_apscheduler_obs.sinks.history import Claim
 from django_apscheduler_obs.util import (
     DbNow,
@@ -254,10 +260,6 @@ class _AnnouncedInsert:
         return statement
 
     def __init__(self, conn: Any) -> None:
-        from django.db.models.sql import InsertQuery
-
-        from django_apscheduler_obs.models import JobStoreVersion
-
         self.fields = list(DjangoJob._meta.local_concrete_fields)
         query = InsertQuery(DjangoJob)
         query.insert_values(self.fields, [DjangoJob(id="", job_state=b"")])
