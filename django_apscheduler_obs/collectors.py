@@ -296,7 +296,11 @@ class SchedulerCollector(Collector):
             "Start of the oldest run still going (present only while running).",
             labels=j,
         )
-        for job_id, ts in rt.observer.oldest_running().items():
+        running = rt.observer.oldest_running()
+        if rt.inflight is not None:  # runs on workers count as running too
+            for job_id, ts in rt.inflight.oldest_running.items():
+                running[job_id] = min(ts, running.get(job_id, ts))
+        for job_id, ts in running.items():
             oldest.add_metric([label(job_id)], ts)
         yield oldest
 

@@ -90,6 +90,30 @@ class Settings:
         independent of ``CONN_MAX_AGE``, which is about requests."""
         return getattr(settings, "APSCHEDULER_WORKER_CONN_MAX_AGE", 600)
 
+    # -- runs on workers (handoff.py, worker.py, inflight.py) --------------------------------
+
+    @property
+    def EXECUTORS(self) -> dict[str, dict[str, Any]]:
+        """Worker engines a job can name with ``executor=``, e.g.
+        ``{"celery": {"ENGINE": "celery", "APP": "proj.celery:app", "QUEUE": "jobs"}}``."""
+        return getattr(settings, "APSCHEDULER_EXECUTORS", {})
+
+    @property
+    def DISPATCH_TIMEOUT(self) -> float:
+        """Seconds a run may wait in the engine before the leader marks it lost."""
+        return getattr(settings, "APSCHEDULER_DISPATCH_TIMEOUT", 300)
+
+    @property
+    def WORKER_LIVENESS(self) -> float:
+        """Seconds without a sign of life from a worker's run before it counts as abandoned;
+        a worker refreshes its runs every quarter of it."""
+        return getattr(settings, "APSCHEDULER_WORKER_LIVENESS", 60)
+
+    @property
+    def INFLIGHT_POLL_INTERVAL(self) -> float:
+        """How often the leader reads the runs it handed to workers (finished, lost, dead)."""
+        return getattr(settings, "APSCHEDULER_INFLIGHT_POLL_INTERVAL", 2)
+
     # -- execution history -------------------------------------------------------------------
 
     @property

@@ -18,16 +18,12 @@ Per fire time::
 from __future__ import annotations
 
 import logging
-import sys
 import threading
-import time
-import traceback as tb_module
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from apscheduler.events import (
-    EVENT_JOB_ERROR,
     EVENT_JOB_EXECUTED,
     EVENT_JOB_MISSED,
     JobExecutionEvent,
@@ -36,19 +32,12 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from opentelemetry.trace import TracerProvider
 
+from django_apscheduler_obs.invoke import invoke
 from django_apscheduler_obs.jobstores import in_scheduler_loop, request_replay
 from django_apscheduler_obs.lease import freeze_point, unsafe_no_claim
 from django_apscheduler_obs.models import DjangoJobExecution
 from django_apscheduler_obs.passes import ClaimRow, PreClaim, Submission, pass_batch
-from django_apscheduler_obs.runs import (
-    CurrentRun,
-    JobInfo,
-    Outcome,
-    RunRecord,
-    TriggerSource,
-    enter_run,
-    exit_run,
-)
+from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
 from django_apscheduler_obs.sinks import tracing
 from django_apscheduler_obs.sinks.history import Claim, HistorySink
 from django_apscheduler_obs.util import recycle_worker_connections
@@ -227,10 +216,14 @@ def _job_info(job: Job, jobstore_alias: str) -> JobInfo:
 
 
 def claim_row(
-    job: Job, run_time: datetime, run_logger: logging.Logger, trigger_source: TriggerSource
+    job: Job,
+    run_time: datetime,
+    run_logger: logging.Logger,
+    trigger_source: TriggerSource,
+    status: str = DjangoJobExecution.SENT,
 ) -> ClaimRow:
-    """The execution row that claims ``run_time``: sent, or missed by APScheduler's misfire
-    rule of ``run_job`` (unchanged)."""
+    """The execution row that claims ``run_time``: ``status`` (running here, or queued for a
+    worker), or missed by APScheduler's misfire rule of ``run_job`` (unchanged)."""
     if job.misfire_grace_time is not None and trigger_source is TriggerSource.SCHEDULE:
         difference = datetime.now(timezone.utc) - run_time
         if difference > timedelta(seconds=job.misfire_grace_time):
@@ -240,7 +233,7 @@ def claim_row(
     return ClaimRow(
         job.id,
         run_time,
-        DjangoJobExecution.SENT,
+        status,
         started=datetime.now(timezone.utc),
         trigger_source=trigger_source,
     )
@@ -253,8 +246,9 @@ def _claim_one(
     run_time: datetime,
     run_logger: logging.Logger,
     trigger_source: TriggerSource,
+    status: str = DjangoJobExecution.SENT,
 ) -> PreClaim:
-    row = claim_row(job, run_time, run_logger, trigger_source)
+    row = claim_row(job, run_time, run_logger, trigger_source, status)
     result, fence = observer.claim_fenced(
         info,
         run_time,
@@ -272,6 +266,7 @@ def claim_fire_times(
     jobstore_alias: str,
     run_times: list[datetime],
     logger_name: str,
+    status: str = DjangoJobExecution.SENT,
 ) -> dict[datetime, PreClaim]:
     """Claim every fire time in the scheduler thread, *before* APScheduler advances the job.
 
@@ -286,7 +281,7 @@ def claim_fire_times(
     info = _job_info(job, jobstore_alias)
     claims: dict[datetime, PreClaim] = {}
     for run_time in run_times:
-        pre = _claim_one(observer, job, info, run_time, run_logger, TriggerSource.SCHEDULE)
+        pre = _claim_one(observer, job, info, run_time, run_logger, TriggerSource.SCHEDULE, status)
         if pre.result is Claim.ERROR and observer.is_fenced_store(info.jobstore):
             pre = PreClaim(pre.result, pre.status, pre.fence, pre.message, request_replay(job.id))
         claims[run_time] = pre
@@ -355,67 +350,30 @@ def _run_one(
         coalesced=coalesced,
     )
     key = id(record)
-    events: list[JobExecutionEvent] = []
     # A run counts as running until its record is written: a graceful stop waits for
     # running runs, so it must not see this one finished before its row is.
     try:
-        with tracing.run_span(
-            info, record, tracer=observer.tracer, traceparent=traceparent
-        ) as span:
-            record.started = datetime.now(timezone.utc)
-            record.start_delay = (record.started - run_time).total_seconds()
-            observer.started(info, key, record.started.timestamp())
-            token = enter_run(
-                CurrentRun(job.id, run_time, trigger_source, record.epoch, record.trace_id)
-            )
-            run_logger.info('Running job "%s" (scheduled at %s)', job, run_time)
-            t0 = time.perf_counter()
-            try:
-                retval = job.func(*job.args, **job.kwargs)
-            except BaseException:
-                record.duration = time.perf_counter() - t0
-                exc, tb = sys.exc_info()[1:]
-                assert exc is not None
-                record.outcome = Outcome.ERROR
-                record.exception = exc
-                record.traceback = "".join(tb_module.format_tb(tb))
-                run_logger.exception('Job "%s" raised an exception', job)
-                events.append(
-                    JobExecutionEvent(
-                        EVENT_JOB_ERROR,
-                        job.id,
-                        jobstore_alias,
-                        run_time,
-                        exception=exc,
-                        traceback=record.traceback,
-                    )
-                )
-                tb_module.clear_frames(tb)
-                del tb
-            else:
-                record.duration = time.perf_counter() - t0
-                run_logger.info('Job "%s" executed successfully', job)
-                events.append(
-                    JobExecutionEvent(
-                        EVENT_JOB_EXECUTED, job.id, jobstore_alias, run_time, retval=retval
-                    )
-                )
-            finally:
-                exit_run(token)
-                record.finished = datetime.now(timezone.utc)
-            try:
-                tracing.finish_span(span, record)
-            except Exception:
-                logger.exception("The tracing sink failed")
+        event = invoke(
+            job,
+            info,
+            record,
+            tracer=observer.tracer,
+            run_logger=run_logger,
+            jobstore_alias=jobstore_alias,
+            traceparent=traceparent,
+            on_started=lambda: observer.started(info, key, record.started.timestamp()),  # type: ignore[union-attr]
+        )
         observer.record(record)
     finally:
         observer.finished(info, key)
-    return events
+    return [event]
 
 
 class ObservedExecutorMixin:
-    """Submits ``observed_run_job`` in place of APScheduler's ``run_job``."""
+    """Claims every fire time, then hands the claimed runs over (``_hand_over``)."""
 
+    # The status a runnable fire time is claimed with: running here.
+    claim_status = DjangoJobExecution.SENT
     observer: RunObserver
     _pool: Any
     _scheduler: Any
@@ -430,25 +388,16 @@ class ObservedExecutorMixin:
         coalesced = count_coalesced(job, run_times)
 
         def submit(claims: dict[datetime, PreClaim]) -> None:
-            self._submit(
-                job,
-                run_times,
-                lambda: observed_run_job(
-                    self.observer,
-                    job,
-                    job._jobstore_alias,
-                    run_times,
-                    self._logger.name,
-                    coalesced=coalesced,
-                    claims=claims,
-                ),
-            )
+            self._hand_over(job, run_times, claims, coalesced)
 
         batch = pass_batch(self._scheduler, job._jobstore_alias) if in_scheduler_loop() else None
         if batch is not None and not unsafe_no_claim():
             # A pass over a Django store: its claims are written with the whole pass's, when
             # the pass ends (passes.py), and the runs go to the pool after that commit.
-            rows = [claim_row(job, t, self._logger, TriggerSource.SCHEDULE) for t in run_times]
+            rows = [
+                claim_row(job, t, self._logger, TriggerSource.SCHEDULE, self.claim_status)
+                for t in run_times
+            ]
             batch.submissions.append(
                 Submission(
                     job,
@@ -461,7 +410,37 @@ class ObservedExecutorMixin:
             return
         # In this (the scheduler's) thread, before APScheduler's update_job advances the job.
         submit(
-            claim_fire_times(self.observer, job, job._jobstore_alias, run_times, self._logger.name)
+            claim_fire_times(
+                self.observer,
+                job,
+                job._jobstore_alias,
+                run_times,
+                self._logger.name,
+                self.claim_status,
+            )
+        )
+
+    def _hand_over(
+        self,
+        job: Job,
+        run_times: list[datetime],
+        claims: dict[datetime, PreClaim],
+        coalesced: int,
+    ) -> None:
+        """The fire times are claimed: run them here, in the pool (``handoff.py`` sends them
+        to a worker engine instead)."""
+        self._submit(
+            job,
+            run_times,
+            lambda: observed_run_job(
+                self.observer,
+                job,
+                job._jobstore_alias,
+                run_times,
+                self._logger.name,
+                coalesced=coalesced,
+                claims=claims,
+            ),
         )
 
     def _settle(

@@ -72,10 +72,21 @@ class DjangoJobExecution(models.Model):
     ERROR = "Error!"
     # New: the process running it died or was stopped before the run finished.
     ABANDONED = "Abandoned"
+    # New, runs handed to a worker engine (handoff.py, worker.py): claimed and enqueued;
+    # picked up by a worker (a compare-and-set from QUEUED, so a redelivery never runs twice);
+    # never picked up within the dispatch timeout, or the enqueue itself failed.
+    QUEUED = "Queued"
+    PICKED_UP = "Running on worker"
+    LOST = "Lost"
 
     # 0.7 listed only three of the five statuses it writes, so admin filters missed two.
-    STATUS_CHOICES = [(x, x) for x in [SENT, SUCCESS, ERROR, MISSED, MAX_INSTANCES, ABANDONED]]
-    FINAL_STATUSES = (SUCCESS, ERROR, MISSED, MAX_INSTANCES, ABANDONED)
+    STATUS_CHOICES = [
+        (x, x)
+        for x in [SENT, SUCCESS, ERROR, MISSED, MAX_INSTANCES, ABANDONED, QUEUED, PICKED_UP, LOST]
+    ]
+    FINAL_STATUSES = (SUCCESS, ERROR, MISSED, MAX_INSTANCES, ABANDONED, LOST)
+    # Runs on a worker, not yet final: the leader's in-flight watch looks after them.
+    REMOTE_PENDING = (QUEUED, PICKED_UP)
 
     id = models.BigAutoField(primary_key=True, help_text=_("Unique ID for this job execution."))
     job = models.ForeignKey(
@@ -135,6 +146,23 @@ class DjangoJobExecution(models.Model):
     owner = models.CharField(max_length=200, blank=True, default="")
     epoch = models.BigIntegerField(null=True, blank=True)
     trigger_source = models.CharField(max_length=20, blank=True, default="schedule")
+    # -- runs on a worker (all nullable: added without rewriting a large table) ---------------
+    worker = models.CharField(
+        max_length=200, null=True, blank=True, help_text=_("The worker that ran it.")
+    )
+    enqueued_at = models.DateTimeField(
+        null=True, blank=True, help_text=_("When the scheduler claimed it and enqueued it.")
+    )
+    picked_up_at = models.DateTimeField(null=True, blank=True)
+    queue_wait = models.FloatField(
+        null=True, blank=True, help_text=_("Picked up - enqueued, in seconds.")
+    )
+    # Refreshed by the worker while the run goes on; the leader marks a run whose worker
+    # stopped refreshing it abandoned.
+    worker_seen = models.DateTimeField(null=True, blank=True)
+    # True from the worker's final write (or the leader's lost/abandoned mark) until the
+    # leader has counted the run in its metrics; NULL otherwise.
+    report_pending = models.BooleanField(null=True, blank=True, editable=False)
 
     objects = DjangoJobExecutionManager()
 
@@ -148,6 +176,8 @@ class DjangoJobExecution(models.Model):
             # last success / failure per job (admin, metrics seeding, status command)
             models.Index(fields=["job", "status", "run_time"], name="dao_exec_job_status_rt"),
             models.Index(fields=["status", "run_time"], name="dao_exec_status_rt"),
+            # remote runs finished but not yet counted by the leader (few rows are True)
+            models.Index(fields=["report_pending"], name="dao_exec_report_pending"),
         ]
 
     def __str__(self) -> str:

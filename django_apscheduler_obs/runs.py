@@ -80,6 +80,10 @@ class RunRecord:
     epoch: int | None = None
     trigger_source: TriggerSource = TriggerSource.SCHEDULE
     coalesced: int = 0
+    # A run on a worker: its row, the worker, and picked up - enqueued (seconds).
+    execution_id: int | None = None
+    worker: str = ""
+    queue_wait: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,6 +91,9 @@ class RunRecord:
         """Class name only: messages may carry job arguments or secrets."""
         if self.exception is None:
             return ""
+        recorded = getattr(self.exception, "recorded_error_type", None)
+        if isinstance(recorded, str):  # an error read back from a row (a worker's run)
+            return recorded
         cls = type(self.exception)
         module = cls.__module__
         return (

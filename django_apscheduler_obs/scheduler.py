@@ -26,11 +26,14 @@ from prometheus_client import CollectorRegistry
 from django_apscheduler_obs import cleanup, listeners, runnow
 from django_apscheduler_obs.collectors import JobCatalog, SchedulerCollector
 from django_apscheduler_obs.conf import conf
+from django_apscheduler_obs.engines import build_engine
 from django_apscheduler_obs.executors import (
     HEARTBEAT_JOB_ID,
     ObservedThreadPoolExecutor,
     RunObserver,
 )
+from django_apscheduler_obs.handoff import RemoteExecutor
+from django_apscheduler_obs.inflight import InflightWatch
 from django_apscheduler_obs.jobstores import DjangoJobStore, scheduler_loop
 from django_apscheduler_obs.lease import Lease, LeaseKeeper, unsafe_no_claim
 from django_apscheduler_obs.models import DjangoJobExecution
@@ -92,6 +95,7 @@ class SchedulerRuntime:
     catalog: JobCatalog
     jobstore: DjangoJobStore
     heartbeat_interval: float
+    inflight: InflightWatch | None = None  # runs handed to worker engines (inflight.py)
     started_monotonic: float = 0.0
     last_heartbeat: float = 0.0
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -149,6 +153,8 @@ class SchedulerRuntime:
             self.keeper.start()
         self.scheduler.resume()
         runnow.start_poller(self)  # issue 6: run-now requests from the admin (acts while leading)
+        if self.inflight is not None:
+            self.inflight.start()
 
     def _register_builtin_jobs(self) -> None:
         if conf.EXECUTION_RETENTION is not None:
@@ -224,6 +230,8 @@ class SchedulerRuntime:
                 )
             except DatabaseError:
                 logger.error("Could not mark unfinished runs as abandoned; the next leader will")
+        if self.inflight is not None:
+            self.inflight.stop()
         self.keeper.stop(release=True)
         self.scheduler.shutdown(wait=False)
         self.history.close()
@@ -261,9 +269,29 @@ def build_scheduler(
         tracer_provider=tracer_provider,
     )
     executor = ObservedThreadPoolExecutor(max_workers or conf.MAX_WORKERS, observer=observer)
+    remote = {
+        alias: RemoteExecutor(build_engine(alias, options), observer=observer)
+        for alias, options in conf.EXECUTORS.items()
+    }
+    inflight = (
+        InflightWatch(
+            remote.values(),
+            lease=lease,
+            metrics=metrics,
+            max_runtime=job_registry.max_runtime,
+            on_abandoned=metrics.abandoned.labels(lease.group).inc,
+        )
+        if remote
+        else None
+    )
+    if inflight is not None:
+        counts = inflight.counts_of
+        queued, picked_up = DjangoJobExecution.QUEUED, DjangoJobExecution.PICKED_UP
+        metrics.remote_runs.labels("queued").set_function(lambda: counts(queued))
+        metrics.remote_runs.labels("running").set_function(lambda: counts(picked_up))
     scheduler = ObservedScheduler(
         jobstores={"default": jobstore, INTERNAL_JOBSTORE: MemoryJobStore()},
-        executors={"default": executor},
+        executors={"default": executor, **remote},
         job_defaults=conf.JOB_DEFAULTS,
         timezone=conf.TIMEZONE,
         jobstore_retry_interval=1,
@@ -334,6 +362,7 @@ def build_scheduler(
         catalog=catalog,
         jobstore=jobstore,
         heartbeat_interval=heartbeat_interval or conf.HEARTBEAT_INTERVAL,
+        inflight=inflight,
     )
 
     def on_catalog_change(added: set[str], removed: set[str]) -> None:

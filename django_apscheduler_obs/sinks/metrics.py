@@ -279,6 +279,21 @@ class SchedulerMetrics:
             j,
             registry=None,
         )
+        # Runs on workers only (handoff.py): born with a job's first remote run.
+        self.queue_wait = Histogram(
+            f"{PREFIX}_job_queue_wait_seconds",
+            "Enqueued by the scheduler to picked up by a worker.",
+            j,
+            buckets=conf.DELAY_BUCKETS,
+            registry=None,
+        )
+        self.lost_runs = Counter(
+            f"{PREFIX}_job_lost_runs",
+            "Claimed runs no worker picked up within the dispatch timeout, or that could "
+            "not be enqueued.",
+            j,
+            registry=None,
+        )
         self._stamps: dict[str, int] = {}  # job label -> tick of its last change
         self._ticks = itertools.count(1)
         self.job_series = JobSeries(
@@ -292,6 +307,8 @@ class SchedulerMetrics:
                 self.in_progress,
                 self.last_success,
                 self.last_failure,
+                self.queue_wait,
+                self.lost_runs,
             ),
             self._stamps,
         )
@@ -365,6 +382,13 @@ class SchedulerMetrics:
         )
         self.clock_skew = Gauge(
             f"{PREFIX}_clock_skew_seconds", "Database clock minus this host's clock.", g, registry=r
+        )
+        self.remote_runs = Gauge(
+            f"{PREFIX}_remote_runs",
+            "Runs handed to worker engines and not final: queued, or running on a worker "
+            "(read from the database by the leader; 0 on a standby).",
+            ["state"],
+            registry=r,
         )
         self.changes = Counter(
             f"{PREFIX}_job_store_changes",
@@ -447,6 +471,8 @@ class SchedulerMetrics:
             self.start_delay,
             self.last_success,
             self.last_failure,
+            self.queue_wait,
+            self.lost_runs,
         ):
             _remove(metric, label)
         for outcome in (Outcome.SUCCESS, Outcome.ERROR):
@@ -506,6 +532,14 @@ class SchedulerMetrics:
         if record.finished is not None:
             gauge = self.last_success if record.outcome is Outcome.SUCCESS else self.last_failure
             gauge.labels(label).set(record.finished.timestamp())
+        if record.queue_wait is not None:
+            self.queue_wait.labels(label).observe(max(record.queue_wait, 0.0), exemplar=exemplar)
+
+    def lost(self, job_id: str) -> None:
+        """A run handed to a worker engine that never ran (inflight.py, handoff.py)."""
+        label = self.label(job_id)
+        self.lost_runs.labels(label).inc()
+        self._touch(label)
 
     def skip(self, job_id: str, reason: str, count: int = 1) -> None:
         if count > 0:

@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.propagate import extract
+from opentelemetry.propagate import extract, inject
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from django_apscheduler_obs.runs import JobInfo, RunRecord
@@ -39,6 +40,12 @@ TRIGGER_SOURCE = "apscheduler.run.trigger_source"
 OUTCOME = "apscheduler.run.outcome"
 OWNER = "apscheduler.scheduler.owner"
 EPOCH = "apscheduler.scheduler.epoch"
+EXECUTION_ID = "apscheduler.run.execution_id"
+WORKER = "apscheduler.run.worker"
+QUEUE_WAIT = "apscheduler.run.queue_wait"
+# OpenTelemetry's FaaS attributes are the nearest convention to a timer-fired job.
+FAAS_TRIGGER = "faas.trigger"
+FAAS_TIME = "faas.time"
 
 
 def get_tracer(tracer_provider: trace.TracerProvider | None = None) -> trace.Tracer:
@@ -61,18 +68,31 @@ def run_span(
     *,
     tracer: trace.Tracer | None = None,
     traceparent: str | None = None,
+    parent: str | None = None,
 ) -> Iterator[trace.Span]:
-    """Start the run's span as a new root; a run-now request's trace is *linked*, not parent."""
+    """Start the run's span as a new root; a run-now request's trace is *linked*, not parent.
+
+    ``parent``: the ``traceparent`` of the scheduler's dispatch span, on a worker. The run is
+    its child; when the engine's own instrumentation (Celery's) already opened a span of that
+    trace, the run nests under it instead, so the trace has no gap and no second root.
+    """
     links = []
     if traceparent:
         remote = trace.get_current_span(extract({"traceparent": traceparent})).get_span_context()
         if remote.is_valid:
             links.append(Link(remote))
-    token = otel_context.attach(otel_context.Context())  # a run is a root, whatever the thread
+    start_ctx = otel_context.Context()  # a run is a root, whatever the thread
+    if parent:
+        start_ctx = extract({"traceparent": parent})
+        wanted = trace.get_current_span(start_ctx).get_span_context()
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and wanted.is_valid and current.trace_id == wanted.trace_id:
+            start_ctx = otel_context.get_current()
+    token = otel_context.attach(start_ctx)
     try:
         with (tracer or get_tracer()).start_as_current_span(
             f"run {job.id}",
-            kind=SpanKind.INTERNAL,
+            kind=SpanKind.CONSUMER if parent else SpanKind.INTERNAL,
             links=links,
             record_exception=False,
             set_status_on_exception=False,
@@ -92,7 +112,15 @@ def run_span(
                     JOB_JOBSTORE: job.jobstore,
                     SCHEDULED_TIME: record.run_time.isoformat(),
                     TRIGGER_SOURCE: record.trigger_source.value,
+                    FAAS_TRIGGER: "timer",
+                    FAAS_TIME: record.run_time.isoformat(),
                 }
+                if record.execution_id is not None:
+                    attrs[EXECUTION_ID] = record.execution_id
+                if record.worker:
+                    attrs[WORKER] = record.worker
+                if record.queue_wait is not None:
+                    attrs[QUEUE_WAIT] = record.queue_wait
                 if record.epoch is not None:
                     attrs[OWNER] = record.owner
                     attrs[EPOCH] = record.epoch
@@ -100,6 +128,42 @@ def run_span(
                     attrs[COALESCED] = record.coalesced
                 span.set_attributes(attrs)
             yield span
+    finally:
+        otel_context.detach(token)
+
+
+@contextlib.contextmanager
+def dispatch_span(
+    job: JobInfo,
+    run_time: datetime,
+    execution_id: int,
+    *,
+    tracer: trace.Tracer | None = None,
+    executor: str = "",
+) -> Iterator[tuple[trace.Span, str]]:
+    """The scheduler's PRODUCER span for handing one fire time to an engine, and the
+    ``traceparent`` to send with it (empty when no tracer records): the worker's run span is
+    its child, so the claim, the enqueue and the run are one trace."""
+    token = otel_context.attach(otel_context.Context())  # a fire time starts its own trace
+    try:
+        with (tracer or get_tracer()).start_as_current_span(
+            f"dispatch {job.id}", kind=SpanKind.PRODUCER, record_exception=False
+        ) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        CODE_FUNCTION: job.code_function,
+                        JOB_ID: job.id,
+                        JOB_EXECUTOR: executor or job.executor,
+                        SCHEDULED_TIME: run_time.isoformat(),
+                        EXECUTION_ID: execution_id,
+                        FAAS_TRIGGER: "timer",
+                        FAAS_TIME: run_time.isoformat(),
+                    }
+                )
+            carrier: dict[str, str] = {}
+            inject(carrier)
+            yield span, carrier.get("traceparent", "")
     finally:
         otel_context.detach(token)
 
