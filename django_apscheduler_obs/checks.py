@@ -65,11 +65,14 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         error(1, "APSCHEDULER_JOB_DEFAULTS['max_instances'] must be a positive integer")
     if not isinstance(defaults.get("coalesce", True), bool):
         error(1, "APSCHEDULER_JOB_DEFAULTS['coalesce'] must be True or False")
-    if defaults.get("executor", "default") != "default":
+    executor_names = {"default"} | (
+        set(conf.EXECUTORS) if isinstance(conf.EXECUTORS, dict) else set()
+    )
+    if defaults.get("executor", "default") not in executor_names:
         error(
             1,
             f"APSCHEDULER_JOB_DEFAULTS['executor'] is {defaults['executor']!r}: unknown executor",
-            "runapscheduler has one executor, 'default'",
+            f"Configured executors: {sorted(executor_names)} (APSCHEDULER_EXECUTORS)",
         )
 
     # E002: pool size
@@ -98,6 +101,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         "APSCHEDULER_MAX_SLEEP": conf.MAX_SLEEP,
         "APSCHEDULER_HEARTBEAT_INTERVAL": conf.HEARTBEAT_INTERVAL,
         "APSCHEDULER_RUN_NOW_TIMEOUT": conf.RUN_NOW_TIMEOUT,
+        "APSCHEDULER_DISPATCH_TIMEOUT": conf.DISPATCH_TIMEOUT,
+        "APSCHEDULER_WORKER_LIVENESS": conf.WORKER_LIVENESS,
+        "APSCHEDULER_INFLIGHT_POLL_INTERVAL": conf.INFLIGHT_POLL_INTERVAL,
     }
     for name, value in intervals.items():
         if not _number(value):
@@ -164,6 +170,9 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     # E010: jobs declared in settings
     errors.extend(_check_declared_jobs())
 
+    # E015-E018: worker engines, and the executors jobs name
+    errors.extend(_check_executors())
+
     # E011: metrics auth
     ok, auth = _get(lambda: conf.METRICS_BASIC_AUTH)
     if not ok or (
@@ -217,5 +226,122 @@ def _check_declared_jobs() -> list[CheckMessage]:
         except TypeError as exc:
             messages.append(
                 Error(f"APSCHEDULER_JOBS entry {entry.get('id')!r}: {exc}", id=f"{ID}.E010")
+            )
+    return messages
+
+
+def _check_executors() -> list[CheckMessage]:
+    """E015 shape of APSCHEDULER_EXECUTORS, E016 engine not installed, E017 engine
+    misconfigured (Celery app, Tasks backend), E018 a job names an executor nobody set up."""
+    from django_apscheduler_obs.engines import ENGINES, OPTIONS
+
+    messages: list[CheckMessage] = []
+
+    def error(code: int, msg: str, hint: str | None = None) -> None:
+        messages.append(Error(msg, hint=hint, id=f"{ID}.E{code:03d}"))
+
+    executors = conf.EXECUTORS
+    if not isinstance(executors, dict):
+        error(15, "APSCHEDULER_EXECUTORS must be a dict of executor name -> options")
+        return messages
+    for alias, options in executors.items():
+        where = f"APSCHEDULER_EXECUTORS[{alias!r}]"
+        if alias == "default" or not isinstance(alias, str) or not alias:
+            error(15, f"{where}: the name must be a non-empty string other than 'default'")
+            continue
+        engine = options.get("ENGINE") if isinstance(options, dict) else None
+        if engine not in ENGINES:
+            error(15, f"{where} needs 'ENGINE': one of {sorted(ENGINES)}")
+            continue
+        unknown = set(options) - OPTIONS[engine]
+        if unknown:
+            error(15, f"{where} has unknown keys {sorted(unknown)}", f"Allowed: {OPTIONS[engine]}")
+        timeout = options.get("DISPATCH_TIMEOUT", conf.DISPATCH_TIMEOUT)
+        if not _number(timeout):
+            error(15, f"{where}['DISPATCH_TIMEOUT'] must be a positive number of seconds")
+        if engine == "celery":
+            messages.extend(_check_celery(where, options))
+        else:
+            messages.extend(_check_tasks(where, options))
+    messages.extend(_check_job_executors({"default", *executors}))
+    return messages
+
+
+def _check_celery(where: str, options: dict[str, Any]) -> list[CheckMessage]:
+    try:
+        import celery  # noqa: F401
+    except ImportError:
+        return [
+            Error(
+                f"{where} uses Celery, which is not installed",
+                hint="pip install 'django-apscheduler-obs[celery]'",
+                id=f"{ID}.E016",
+            )
+        ]
+    path = options.get("APP")
+    if not isinstance(path, str) or not path:
+        return [Error(f"{where} needs 'APP': e.g. 'proj.celery:app'", id=f"{ID}.E017")]
+    from django_apscheduler_obs.engines.celery import TASK_NAME, load_app
+
+    try:
+        app = load_app(path)
+    except Exception as exc:
+        return [Error(f"{where}: cannot load the Celery app {path!r}: {exc}", id=f"{ID}.E017")]
+    queue = options.get("QUEUE")
+    if queue is not None and not (isinstance(queue, str) and queue):
+        return [Error(f"{where}['QUEUE'] must be a non-empty string", id=f"{ID}.E017")]
+    import django_apscheduler_obs.engines.celery  # noqa: F401 - registers the shared task
+
+    if TASK_NAME not in app.tasks:
+        return [Error(f"{where}: the app {path!r} does not know {TASK_NAME!r}", id=f"{ID}.E017")]
+    return []
+
+
+def _check_tasks(where: str, options: dict[str, Any]) -> list[CheckMessage]:
+    try:
+        from django_apscheduler_obs.engines import tasks as tasks_engine
+    except ImportError:
+        return [
+            Error(
+                f"{where} uses Django's Tasks framework, which needs Django 6.0 or the "
+                "django-tasks package",
+                hint="pip install django-tasks (Django 5.2)",
+                id=f"{ID}.E016",
+            )
+        ]
+    except Exception as exc:  # the task could not be declared on its backend
+        return [Error(f"{where}: {type(exc).__name__}: {exc}", id=f"{ID}.E017")]
+    backend = options.get("BACKEND", "default")
+    if not tasks_engine.backend_exists(backend):
+        return [
+            Error(f"{where}: TASKS has no backend {backend!r}", id=f"{ID}.E017"),
+        ]
+    queue = options.get("QUEUE")
+    if queue is not None and not (isinstance(queue, str) and queue):
+        return [Error(f"{where}['QUEUE'] must be a non-empty string", id=f"{ID}.E017")]
+    return []
+
+
+def _check_job_executors(configured: set[str]) -> list[CheckMessage]:
+    """Jobs declared in code or settings that name an executor nobody configured."""
+    from django_apscheduler_obs.registry import registry
+
+    try:
+        registry.discover()
+    except Exception:  # reported by the checks of declared jobs
+        return []
+    messages: list[CheckMessage] = []
+    named = {spec.id: spec.options.get("executor") for spec in registry}
+    for entry in conf.JOBS if isinstance(conf.JOBS, (list, tuple)) else ():
+        if isinstance(entry, dict) and entry.get("id"):
+            named[str(entry["id"])] = entry.get("executor")
+    for job_id, executor in sorted(named.items()):
+        if executor is not None and executor not in configured:
+            messages.append(
+                Error(
+                    f"Job {job_id!r} runs on executor {executor!r}, which is not configured",
+                    hint=f"Configured: {sorted(configured)}; add it to APSCHEDULER_EXECUTORS",
+                    id=f"{ID}.E018",
+                )
             )
     return messages

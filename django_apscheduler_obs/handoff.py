@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import pickle
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -228,6 +229,10 @@ class RemoteExecutor(ObservedExecutorMixin, BaseExecutor):
         """Enqueue each claimed (committed) fire time; a slot is released once all are final."""
         info = _job_info(job, job._jobstore_alias)
         ids = self._execution_ids(job.id, run_times)
+        if slot is not None and _is_last_fire_time(job, run_times[-1]):
+            # APScheduler removes the job from the store with this pass: its worker will
+            # load it from the run's row instead (signed, like the store's copy).
+            keep_job_state(job, list(ids.values()))
         for run_time in run_times:
             execution_id = ids.get(run_time.timestamp())
             if execution_id is None:  # the row vanished (pruned?) or the read failed
@@ -344,6 +349,29 @@ def _event(
         run_time or datetime.now(timezone.utc),
         exception=RuntimeError(exception) if code == EVENT_JOB_ERROR else None,
     )
+
+
+def _is_last_fire_time(job: Job, run_time: datetime) -> bool:
+    """APScheduler's own rule for removing a job after submitting it."""
+    now = datetime.now(run_time.tzinfo or timezone.utc)
+    return job.trigger.get_next_fire_time(run_time, now) is None
+
+
+def keep_job_state(job: Job, ids: list[int]) -> None:
+    """Store the job's signed state on its runs' rows (``DjangoJobExecution.job_state``)."""
+    from django_apscheduler_obs import signing
+
+    if not ids:
+        return
+    state = signing.sign(pickle.dumps(job.__getstate__(), pickle.HIGHEST_PROTOCOL))
+    for attempt in range(3):
+        try:
+            DjangoJobExecution.objects.filter(id__in=ids).update(job_state=state)
+            return
+        except DatabaseError:
+            reset_connection()
+            if attempt == 2:
+                logger.exception("Could not keep the state of finishing job %r", job.id)
 
 
 def mark_lost(ids: list[int], reason: str, *, trace_id: str = "") -> int:

@@ -163,6 +163,9 @@ class DjangoJobExecution(models.Model):
     # True from the worker's final write (or the leader's lost/abandoned mark) until the
     # leader has counted the run in its metrics; NULL otherwise.
     report_pending = models.BooleanField(null=True, blank=True, editable=False)
+    # The job's signed state, kept only when its last fire time went to a worker: the
+    # scheduler removes a finished one-off job from the store before a worker loads it.
+    job_state = models.BinaryField(null=True, blank=True, editable=False)
 
     objects = DjangoJobExecutionManager()
 

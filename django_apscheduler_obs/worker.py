@@ -117,7 +117,7 @@ def _run(msg: RunMessage, worker: str) -> None:
         else None
     )
     try:
-        job = load_job(msg.job_id)
+        job = load_job(msg.job_id, msg.execution_id)
         info = JobInfo.of(job)
     except JobLoadError as exc:
         job, info = None, JobInfo(msg.job_id, msg.job_id, "", "", "", "default", 1, None)
@@ -163,16 +163,28 @@ def _run(msg: RunMessage, worker: str) -> None:
         _beats.discard(msg.execution_id)
 
 
-def load_job(job_id: str) -> Job:
+def load_job(job_id: str, execution_id: int | None = None) -> Job:
     """The job as the scheduler would restore it: signed state checked, then unpickled.
 
-    A job this worker cannot load (removed, tampered, code missing on this worker) raises
-    ``JobLoadError``; the job store row is left alone (the scheduler may well load it).
+    From the job store; or, for the last fire time of a job the scheduler has since removed
+    (a one-off job), from the copy kept on the run's row. A job this worker cannot load
+    (removed, tampered, code missing on this worker) raises ``JobLoadError``; the job store
+    row is left alone (the scheduler may well load it).
     """
     stored = _retrying(
         "job",
         lambda: DjangoJob.objects.filter(id=job_id).values_list("job_state", flat=True).first(),
     )
+    if stored is None and execution_id is not None:
+        stored = _retrying(
+            "job",
+            lambda: (
+                DjangoJobExecution.objects.filter(id=execution_id, job_id=job_id)
+                .exclude(job_state=None)
+                .values_list("job_state", flat=True)
+                .first()
+            ),
+        )
     if stored is None:
         raise JobLoadError(f"The job '{job_id}' no longer exists in the job store")
     try:

@@ -21,6 +21,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django_apscheduler_obs",
+    "django_tasks_db",  # a real Tasks backend with a worker, for runs on workers
     "tests.testapp",
 ]
 MIDDLEWARE = [
@@ -67,3 +68,17 @@ STATIC_URL = "/static/"
 # Workers close their connection after each run, so no session outlives a test.
 APSCHEDULER_WORKER_CONN_MAX_AGE = 0
 APSCHEDULER_AUTODISCOVER = False
+
+# Django's Tasks framework (django.tasks on Django >= 6.0, the django-tasks backport before):
+# "default" runs a task inside enqueue (a real engine, in-process); "db" queues it in the
+# database for ``manage.py db_worker``.
+try:
+    import django.tasks  # noqa: F401
+
+    _IMMEDIATE = "django.tasks.backends.immediate.ImmediateBackend"
+except ImportError:
+    _IMMEDIATE = "django_tasks.backends.immediate.ImmediateBackend"
+TASKS = {
+    "default": {"BACKEND": _IMMEDIATE},
+    "db": {"BACKEND": "django_tasks_db.DatabaseBackend"},
+}

@@ -41,6 +41,11 @@ class Migration(migrations.Migration):
         ),
         migrations.AddField(
             model_name='djangojobexecution',
+            name='job_state',
+            field=models.BinaryField(blank=True, editable=False, null=True),
+        ),
+        migrations.AddField(
+            model_name='djangojobexecution',
             name='worker_seen',
             field=models.DateTimeField(blank=True, null=True),
         ),
