@@ -24,7 +24,7 @@ try:  # Django >= 6.0
         task_backends,
     )
 except ImportError:  # Django 5.2 with the django-tasks backport
-    from django_tasks import (  # type: ignore[no-redef,unused-ignore]
+    from django_tasks import (  # type: ignore[no-redef,assignment,unused-ignore]
         DEFAULT_TASK_BACKEND_ALIAS,
         DEFAULT_TASK_QUEUE_NAME,
         TaskContext,
