@@ -319,6 +319,15 @@ def _check_tasks(where: str, options: dict[str, Any]) -> list[CheckMessage]:
     queue = options.get("QUEUE")
     if queue is not None and not (isinstance(queue, str) and queue):
         return [Error(f"{where}['QUEUE'] must be a non-empty string", id=f"{ID}.E017")]
+    allowed = tasks_engine.backend_queues(backend)
+    if allowed and (queue or tasks_engine.DEFAULT_TASK_QUEUE_NAME) not in allowed:
+        return [
+            Error(
+                f"{where}: queue {queue!r} is not in TASKS[{backend!r}]['QUEUES']",
+                hint=f"Allowed: {sorted(allowed)}",
+                id=f"{ID}.E017",
+            )
+        ]
     return []
 
 

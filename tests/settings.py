@@ -80,5 +80,5 @@ except ImportError:
     _IMMEDIATE = "django_tasks.backends.immediate.ImmediateBackend"
 TASKS = {
     "default": {"BACKEND": _IMMEDIATE},
-    "db": {"BACKEND": "django_tasks_db.DatabaseBackend"},
+    "db": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []},  # any queue name
 }

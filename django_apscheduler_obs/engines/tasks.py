@@ -67,3 +67,8 @@ class TasksEngine:
 
 def backend_exists(alias: str) -> bool:
     return alias in task_backends.settings
+
+
+def backend_queues(alias: str) -> set[str]:
+    """The queues a backend accepts (empty: any)."""
+    return set(task_backends[alias].queues)
