@@ -22,7 +22,7 @@ import concurrent.futures
 import logging
 import pickle
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -51,7 +51,7 @@ from django_apscheduler_obs.passes import PreClaim
 from django_apscheduler_obs.runs import TriggerSource
 from django_apscheduler_obs.sinks import tracing
 from django_apscheduler_obs.sinks.history import Claim
-from django_apscheduler_obs.util import reset_connection
+from django_apscheduler_obs.util import recycle_worker_connections, reset_connection
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class RemoteExecutor(ObservedExecutorMixin, BaseExecutor):
         claims: dict[datetime, PreClaim],
         coalesced: int,
     ) -> None:
-        self._pool.submit(self._dispatch_all, job, run_times, claims, coalesced)
+        self._pool.submit(_recycling, self._dispatch_all, job, run_times, claims, coalesced)
 
     def submit_run_now(
         self, job: Job, run_time: datetime, *, traceparent: str | None = None
@@ -175,7 +175,7 @@ class RemoteExecutor(ObservedExecutorMixin, BaseExecutor):
             if pre.result is Claim.CLAIMED:
                 self._dispatch(job, [run_time], None, link=traceparent)
 
-        self._pool.submit(claim_and_dispatch)
+        self._pool.submit(_recycling, claim_and_dispatch)
 
     def _dispatch_all(
         self,
@@ -349,6 +349,15 @@ def _event(
         run_time or datetime.now(timezone.utc),
         exception=RuntimeError(exception) if code == EVENT_JOB_ERROR else None,
     )
+
+
+def _recycling(fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn`` on an enqueue thread, then let the thread's connection age out as a job
+    worker's does (``APSCHEDULER_WORKER_CONN_MAX_AGE``)."""
+    try:
+        fn(*args)
+    finally:
+        recycle_worker_connections()
 
 
 def _is_last_fire_time(job: Job, run_time: datetime) -> bool:

@@ -24,18 +24,18 @@ def _app(name: str, broker: str) -> Celery:
     return app
 
 
-_CONF = dict(
-    broker_connection_retry_on_startup=True,
-    task_publish_retry=False,  # an unreachable broker is an error at once, not in minutes
-    worker_prefetch_multiplier=1,
-    worker_hijack_root_logger=False,
+_CONF = {
+    "broker_connection_retry_on_startup": True,
+    "task_publish_retry": False,  # an unreachable broker is an error at once, not in minutes
+    "worker_prefetch_multiplier": 1,
+    "worker_hijack_root_logger": False,
     # Redis redelivers an unacknowledged message after this (a worker killed mid-run);
     # RabbitMQ redelivers when the dead worker's connection closes.
-    broker_transport_options={
+    "broker_transport_options": {
         "visibility_timeout": 5,
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     },
-)
+}
 redis_app = _app("tests-redis", REDIS_URL)
 rabbitmq_app = _app("tests-rabbitmq", RABBITMQ_URL)
