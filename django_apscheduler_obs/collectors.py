@@ -303,6 +303,15 @@ class SchedulerCollector(Collector):
         for job_id, ts in running.items():
             oldest.add_metric([label(job_id)], ts)
         yield oldest
+        if rt.inflight is not None:
+            queued = GaugeMetricFamily(
+                f"{PREFIX}_remote_oldest_queued_timestamp_seconds",
+                "When the oldest run still waiting in a worker engine was enqueued (present "
+                "only on the leader, while one waits).",
+            )
+            if rt.inflight.oldest_queued is not None:
+                queued.add_metric([], rt.inflight.oldest_queued)
+            yield queued
 
         state_family = GaugeMetricFamily(
             f"{PREFIX}_scheduler_state", "Scheduler state.", labels=[f"{PREFIX}_scheduler_state"]

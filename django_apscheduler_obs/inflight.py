@@ -25,7 +25,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError, connections
-from django.db.models import Count, Q
+from django.db.models import Count, Min, Q
 
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.models import DjangoJobExecution
@@ -77,6 +77,7 @@ class InflightWatch:
         self._stop = threading.Event()
         self.counts: dict[str, int] = {EX.QUEUED: 0, EX.PICKED_UP: 0}
         self.oldest_running: dict[str, float] = {}  # job id -> start of its oldest remote run
+        self.oldest_queued: float | None = None  # claim time of the oldest run still queued
 
     def counts_of(self, status: str) -> float:
         """Remote runs in ``status`` at the last poll (a gauge's reading)."""
@@ -116,6 +117,7 @@ class InflightWatch:
             self._adopted_epoch = None
             self.counts = {EX.QUEUED: 0, EX.PICKED_UP: 0}
             self.oldest_running = {}
+            self.oldest_queued = None
             return
         now = now or datetime.now(timezone.utc)
         try:
@@ -256,11 +258,15 @@ class InflightWatch:
 
     def _read_counts(self) -> None:
         counts = {EX.QUEUED: 0, EX.PICKED_UP: 0}
-        for status, n in (
+        oldest_queued = None
+        for status, n, oldest in (
             EX.objects.filter(status__in=EX.REMOTE_PENDING)
             .values("status")
-            .annotate(n=Count("id"))
-            .values_list("status", "n")
+            .annotate(n=Count("id"), oldest=Min("started"))
+            .values_list("status", "n", "oldest")
         ):
             counts[status] = n
+            if status == EX.QUEUED and oldest is not None:
+                oldest_queued = oldest.timestamp()
         self.counts = counts
+        self.oldest_queued = oldest_queued

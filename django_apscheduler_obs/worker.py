@@ -18,6 +18,7 @@ leader marks a run whose worker stopped refreshing it (kill -9) abandoned.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 import time
@@ -33,6 +34,7 @@ from django_apscheduler_obs import signing
 from django_apscheduler_obs.conf import conf
 from django_apscheduler_obs.handoff import MessageError, RunMessage
 from django_apscheduler_obs.invoke import invoke
+from django_apscheduler_obs.lease import _test_hooks_enabled
 from django_apscheduler_obs.models import DjangoJob, DjangoJobExecution
 from django_apscheduler_obs.runs import JobInfo, Outcome, RunRecord, TriggerSource
 from django_apscheduler_obs.sinks import tracing
@@ -74,9 +76,23 @@ def run_message(message: Any, *, worker: str) -> str:
         close_old_connections()
 
 
+def unsafe_no_pick_up() -> bool:
+    """TEST-ONLY negative control: every delivery runs, without the compare-and-set.
+
+    Enabled by ``DAO_UNSAFE_NO_PICKUP=1`` *and* ``APSCHEDULER_TEST_HOOKS = True``: the chaos
+    suite must then see a redelivered message run twice.
+    """
+    return os.environ.get("DAO_UNSAFE_NO_PICKUP") == "1" and _test_hooks_enabled()
+
+
 def _pick_up(msg: RunMessage, worker: str) -> bool:
     """The compare-and-set that makes every delivery after the first a no-op."""
     now = datetime.now(timezone.utc)
+    if unsafe_no_pick_up():
+        DjangoJobExecution.objects.filter(id=msg.execution_id).update(
+            status=DjangoJobExecution.PICKED_UP, picked_up_at=now, worker=worker[:200]
+        )
+        return True
     n = _retrying(
         "pick-up",
         lambda: DjangoJobExecution.objects.filter(

@@ -88,6 +88,10 @@ CATALOGUE_LABELS: dict[str, frozenset[str]] = {
     "apscheduler_abandoned_runs_total": G,
     "apscheduler_clock_skew_seconds": G,
     "apscheduler_job_store_changes_total": G,
+    "apscheduler_job_queue_wait_seconds": J | {"le"},
+    "apscheduler_job_lost_runs_total": J,
+    "apscheduler_remote_runs": frozenset({"state"}),
+    "apscheduler_remote_oldest_queued_timestamp_seconds": frozenset(),
 }
 CATALOGUE = frozenset(CATALOGUE_LABELS)
 SCRAPE_LABELS = frozenset({"job", "instance"})
@@ -391,7 +395,15 @@ def test_exemplars_on_latency_panels(uid: str) -> None:
 def test_overview_content() -> None:
     board = load_dashboard("apscheduler-overview")
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Health", "Jobs", "Activity", "Latency", "Scheduler", "High availability"]
+    assert rows == [
+        "Health",
+        "Jobs",
+        "Activity",
+        "Latency",
+        "Workers",
+        "Scheduler",
+        "High availability",
+    ]
     (jobs,) = [p for p in panels(board) if p["title"] == "Jobs" and p["type"] == "table"]
     links = [
         link["url"]

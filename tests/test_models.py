@@ -30,7 +30,8 @@ def test_every_status_is_a_choice():
     for status in ("Started execution", "Executed", "Missed!", "Max instances!", "Error!"):
         assert status in values
     assert DjangoJobExecution.SENT not in DjangoJobExecution.FINAL_STATUSES
-    assert set(DjangoJobExecution.FINAL_STATUSES) == set(values) - {DjangoJobExecution.SENT}
+    running = {DjangoJobExecution.SENT, *DjangoJobExecution.REMOTE_PENDING}
+    assert set(DjangoJobExecution.FINAL_STATUSES) == set(values) - running
 
 
 def test_one_row_per_fire_time_is_enforced_by_the_database():
@@ -152,3 +153,47 @@ def test_migration_0004_drops_only_the_redundant_job_index_and_reverses():
     # The indexes that lead with job_id and serve lookups by job are untouched; no row moved.
     assert _indexes_on(["job_id", "run_time"]) and _indexes_on(["job_id", "status", "run_time"])
     assert DjangoJobExecution.objects.filter(job_id="kept").count() == 1
+
+
+# -- migration 0005: runs on workers ----------------------------------------------------------
+
+REMOTE_COLUMNS = {
+    "worker",
+    "enqueued_at",
+    "picked_up_at",
+    "queue_wait",
+    "worker_seen",
+    "report_pending",
+    "job_state",
+}
+
+
+def _execution_columns() -> set[str]:
+    with connection.cursor() as c:
+        table = DjangoJobExecution._meta.db_table
+        return {col.name for col in connection.introspection.get_table_description(c, table)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0005_adds_nullable_remote_columns_and_reverses():
+    from django.db.migrations.executor import MigrationExecutor
+
+    app = "django_apscheduler_obs"
+    assert _execution_columns() >= REMOTE_COLUMNS
+    try:
+        MigrationExecutor(connection).migrate([(app, "0004_drop_redundant_job_index")])
+        assert not REMOTE_COLUMNS & _execution_columns()
+        with connection.cursor() as c:  # a row written by the previous version
+            c.execute(
+                f"INSERT INTO {DjangoJobExecution._meta.db_table} "
+                "(job_id, status, run_time, error_type, trace_id, span_id, owner, "
+                "trigger_source) VALUES (%s, %s, %s, '', '', '', '', 'schedule')",
+                ["old", "Executed", RT],
+            )
+    finally:
+        MigrationExecutor(connection).migrate(
+            MigrationExecutor(connection).loader.graph.leaf_nodes(app)
+        )
+    assert _execution_columns() >= REMOTE_COLUMNS
+    old = DjangoJobExecution.objects.get(job_id="old")
+    assert (old.worker, old.report_pending, old.job_state) == (None, None, None)

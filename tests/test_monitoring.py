@@ -48,10 +48,10 @@ def test_written_rules_pass_promtool(custom: Path, promtool: str) -> None:
     check = run(promtool, "check", "rules", RULES, cwd=custom)
     assert check.returncode == 0, check.stdout + check.stderr
     tests = sorted(p.relative_to(custom) for p in (custom / "alerts" / "tests").glob("*.yaml"))
-    assert len(tests) == 3
+    assert len(tests) == 4
     result = run(promtool, "test", "rules", *tests, cwd=custom)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("SUCCESS") == 3
+    assert result.stdout.count("SUCCESS") == 4
 
 
 def test_tests_follow_the_selector(custom: Path, promtool: str, tmp_path: Path) -> None:

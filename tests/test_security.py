@@ -158,6 +158,15 @@ def test_migration_0003_signs_existing_unsigned_rows_and_reverses_as_a_no_op(sto
     assert jobstore.lookup_job("legacy") is None  # unsigned: refused before the migration
     DjangoJob.objects.filter(id="legacy").update(restore_error="")
 
+    try:
+        _migration_0003_round_trip(jobstore, signed, legacy, bad)
+    finally:  # later tests need the current schema back
+        MigrationExecutor(connection).migrate(
+            MigrationExecutor(connection).loader.graph.leaf_nodes(APP)
+        )
+
+
+def _migration_0003_round_trip(jobstore, signed: bytes, legacy: bytes, bad: bytes) -> None:
     executor = MigrationExecutor(connection)
     executor.migrate([(APP, "0002_runrequest")])  # backwards: nothing to undo
     assert bytes(DjangoJob.objects.get(id="legacy").job_state) == legacy

@@ -942,6 +942,55 @@ def scheduler_tests(c: _Cases) -> TestFile:
     return doc
 
 
+def workers_tests(c: _Cases) -> TestFile:
+    cfg = c.cfg
+    doc = TestFile(
+        f"{GENERATED}; do not edit by hand.\n"
+        "promtool unit tests of the alerts on runs handed to worker engines (Celery, Django's "
+        "Tasks\nframework). Every alert fires in one case and stays quiet in another."
+    )
+    threshold = cfg.worker_backlog_seconds
+    first = math.floor(threshold / 60) + 1  # first minute at which the wait is over it
+    f = minutes(cfg.seconds("worker_backlog_for"))
+    fire = first + f
+    n = fire + 4
+    oldest = "apscheduler_remote_oldest_queued_timestamp_seconds"
+    doc.cases.append(Case(
+        "worker backlog",
+        [
+            ("sched-1: a run queued at 0 s that no worker takes.", c.s(oldest, S1), f"0x{n}"),
+            ("sched-2: runs are taken within 30 s, minute after minute.", c.s(oldest, S2),
+             f"-30+60x{n}"),
+        ],
+        [
+            Check((fire - 1) * 60, "ApschedulerWorkerBacklog", [],
+                  f"Over {num(threshold)} s since minute {first}, not yet for "
+                  f"{cfg.worker_backlog_for}."),
+            Check(fire * 60, "ApschedulerWorkerBacklog", [Alert(c.full(S1), fire * 60)]),
+        ],
+        f"ApschedulerWorkerBacklog: the oldest queued run has waited over {num(threshold)} s "
+        f"for {cfg.worker_backlog_for}.",
+    ))  # fmt: skip
+    lost = "apscheduler_job_lost_runs_total"
+    w = minutes(cfg.seconds("lost_runs_window"))
+    doc.cases.append(Case(
+        "runs lost",
+        [
+            ("", c.s(lost, S1, job_id="sync"), runs((0, 2), (2, w + 20))),
+            ("", c.s(lost, S1, job_id="fine"), runs((0, w + 22))),
+        ],
+        [
+            Check(60, "ApschedulerJobRunsLost", []),
+            Check(300, "ApschedulerJobRunsLost", [Alert(c.keys(S1, job_id="sync"), 2)]),
+            Check((w + 15) * 60, "ApschedulerJobRunsLost", [],
+                  f"The lost runs have left the {cfg.lost_runs_window} window."),
+        ],
+        "ApschedulerJobRunsLost: runs never picked up (or never enqueued) in the last "
+        f"{c.window_words('lost_runs_window')} (counters born at 0).",
+    ))  # fmt: skip
+    return doc
+
+
 def render_tests(cfg: MonitoringConfig) -> dict[str, str]:
     """File name (under ``alerts/tests/``) -> promtool test file."""
     cases = _Cases(cfg)
@@ -950,6 +999,7 @@ def render_tests(cfg: MonitoringConfig) -> dict[str, str]:
         ("ha.yaml", ha_tests(cases)),
         ("jobs.yaml", jobs_tests(cases)),
         ("scheduler.yaml", scheduler_tests(cases)),
+        ("workers.yaml", workers_tests(cases)),
     )
     return {name: writer.render(doc) for name, doc in docs}
 

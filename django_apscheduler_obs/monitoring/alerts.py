@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from django_apscheduler_obs.monitoring.config import MonitoringConfig
-from django_apscheduler_obs.monitoring.promql import sel, standbys
+from django_apscheduler_obs.monitoring.promql import num, sel, standbys
 
 JOB_KEYS = "job, instance, job_id"
 L_JOB, L_INSTANCE, L_JOB_ID = "{{ $labels.job }}", "{{ $labels.instance }}", "{{ $labels.job_id }}"
@@ -404,11 +404,40 @@ sum by (job, instance, {group_by}) (
 """,
             "0m",
             "warning",
-            "APScheduler runs were abandoned by a lost leader.",
-            f"{L_INSTANCE} marked {COUNT} run(s) of an earlier leader of group "
-            f"{{{{ $labels.group }}}} as abandoned in the last {cfg.abandoned_window}: a "
-            "process died or lost the lease while running them, so they may not have finished.",
+            "APScheduler runs were abandoned by a lost leader or a dead worker.",
+            f"{L_INSTANCE} marked {COUNT} run(s) of group {{{{ $labels.group }}}} as abandoned "
+            f"in the last {cfg.abandoned_window}: the scheduler or the worker running them "
+            "died or stopped answering, so they may not have finished.",
             instance_url,
+        ),
+        rule(
+            "ApschedulerWorkerBacklog",
+            f"""
+(
+  time() - {sel("apscheduler_remote_oldest_queued_timestamp_seconds", s)}
+) > {num(cfg.worker_backlog_seconds)}
+""",
+            cfg.worker_backlog_for,
+            "warning",
+            "Runs handed to workers are not being picked up.",
+            f"The oldest run {L_INSTANCE} handed to a worker engine has waited {DURATION} "
+            f"without a worker picking it up (threshold {num(cfg.worker_backlog_seconds)}s): "
+            "workers are down, too few, or do not consume its queue.",
+            instance_url,
+        ),
+        rule(
+            "ApschedulerJobRunsLost",
+            f"""
+sum by ({JOB_KEYS}) (
+  increase({sel("apscheduler_job_lost_runs_total", s)}[{cfg.lost_runs_window}])
+) > 0
+""",
+            "0m",
+            "warning",
+            "Runs of an APScheduler job handed to workers never ran.",
+            f"{COUNT} run(s) of job {where} in the last {cfg.lost_runs_window} were never "
+            "picked up by a worker within the dispatch timeout, or could not be enqueued.",
+            job_url,
         ),
     ]
 

@@ -96,6 +96,11 @@ class MonitoringConfig:
     clock_skew_threshold_seconds: float = 2
     clock_skew_for: str = "5m"
     abandoned_window: str = "1h"
+    # Runs on workers: a run waiting in the engine this long is a backlog (well before the
+    # scheduler's dispatch timeout, 300 s by default, marks it lost).
+    worker_backlog_seconds: float = 120
+    worker_backlog_for: str = "2m"
+    lost_runs_window: str = "1h"
     # Jobs table: colour of "time since last success / expected interval".
     table_ratio_amber: float = 1.5
     table_ratio_red: float = 2

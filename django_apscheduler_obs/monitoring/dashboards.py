@@ -417,6 +417,36 @@ def latency_panels(lay: Layout, f: str) -> None:
     ), 8, 8)  # fmt: skip
 
 
+def worker_panels(lay: Layout, f: str, fp: str, *, per_job: bool) -> None:
+    """Runs handed to worker engines (Celery, Django's Tasks framework); empty otherwise.
+    ``f`` selects per-job series, ``fp`` per-process ones (no ``job_id`` label)."""
+    lay.row("Workers")
+    wait = "apscheduler_job_queue_wait_seconds"
+    lay.add(timeseries(
+        "Queue wait p50 / p95", "Enqueued by the scheduler to picked up by a worker, for "
+        "jobs that run on workers. Rising: workers are saturated or too few.",
+        [target(quantile(q, wait, f), ref, f"{{{{job_id}}}} p{int(q * 100)}", exemplar=True)
+         for q, ref in ((0.5, "A"), (0.95, "B"))],
+        "s",
+    ), 8, 8)  # fmt: skip
+    lay.add(timeseries(
+        "Lost runs", "Runs no worker picked up within the dispatch timeout, or that could not "
+        "be enqueued (ApschedulerJobRunsLost).",
+        [target(f"sum by (job_id) ({increase('apscheduler_job_lost_runs_total', f)})", "A",
+                "{{job_id}}")],
+        bars=True, overrides=[override_regex(".*", "red")],
+    ), 8, 8)  # fmt: skip
+    if per_job:
+        return
+    lay.add(timeseries(
+        "Runs in worker engines", "Runs the leader handed over and that are not final yet: "
+        "queued (waiting for a worker) and running on a worker.",
+        [target(f"sum by (state) ({leader_only(sel('apscheduler_remote_runs', fp))})", "A",
+                "{{state}}")],
+        stack=True,
+    ), 8, 8)  # fmt: skip
+
+
 def variables(cfg: MonitoringConfig, *, multi_job_id: bool) -> list[dict[str, Any]]:
     def query(name: str, label: str, definition: str, *, multi: bool) -> dict[str, Any]:
         return {
@@ -694,6 +724,8 @@ def overview_dashboard(cfg: MonitoringConfig) -> dict[str, Any]:
     activity_panels(lay, fj, per_job=False)
     latency_panels(lay, fj)
 
+    worker_panels(lay, fj, f, per_job=False)
+
     lay.row("Scheduler")
     lay.add(timeseries(
         "Runs in progress by job", "Runs executing now; a flat line above 0 is a stuck run.",
@@ -960,6 +992,7 @@ def job_dashboard(cfg: MonitoringConfig) -> dict[str, Any]:
 
     activity_panels(lay, fj, per_job=True)
     latency_panels(lay, fj)
+    worker_panels(lay, fj, f, per_job=True)
 
     lay.row("Schedule")
     factor, slack = cfg.no_success_interval_factor, cfg.no_success_slack_seconds

@@ -454,6 +454,8 @@ class SchedulerMetrics:
         for reason in SKIP_REASONS:
             self.skipped.labels(label, reason)
         self.in_progress.labels(label)
+        if conf.EXECUTORS:  # jobs may run on workers: a first lost run must show in increase()
+            self.lost_runs.labels(label)
         self._touch(label)
 
     def remove_job(self, job_id: str) -> None:

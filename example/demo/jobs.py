@@ -1,5 +1,6 @@
 """Sample jobs, autodiscovered by ``runapscheduler``: one succeeds, one fails, one is slow,
-one overlaps itself (max_instances skips) and one is starved so that it misses runs."""
+one overlaps itself (max_instances skips), one is starved so that it misses runs, and one runs
+on a worker engine (settings: ``APSCHEDULER_EXECUTORS["workers"]``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 from django.conf import settings
 
-from django_apscheduler_obs import scheduled_job
+from django_apscheduler_obs import current_run, scheduled_job
 
 logger = logging.getLogger(__name__)
 FAST = settings.FAST
@@ -52,3 +53,12 @@ def missed() -> None:
     """Sleeps past the next fire times of its own; the pool is small in the demo, so some of
     its fire times start more than its 1 s grace late and are recorded as missed."""
     time.sleep(2.5)
+
+
+@scheduled_job("interval", seconds=_every(15, 2), id="demo_on_worker", executor="workers")
+def on_worker() -> None:
+    """Handed to a worker: the scheduler enqueues the run, a worker picks it up and records it,
+    and the scheduler's /metrics counts it like the others."""
+    run = current_run()
+    assert run is not None
+    logger.info("demo_on_worker: run %s for %s", run.execution_id, run.run_time.isoformat())

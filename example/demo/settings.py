@@ -80,3 +80,24 @@ LOGGING = {
 }
 # A small pool on purpose: demo_missed keeps it busy enough that some runs start late.
 APSCHEDULER_MAX_WORKERS = 4
+
+# Runs on workers: ``demo_on_worker`` runs on the executor "workers". By default that is
+# Django's Tasks framework with its immediate backend (the task runs in the scheduler's
+# enqueue thread: nothing else to start). With DEMO_CELERY_BROKER set (e.g.
+# redis://127.0.0.1:6379/0), it is Celery: start a worker with
+# ``celery -A demo worker -l INFO`` from example/ (README, "Running jobs on workers").
+try:
+    import django.tasks  # noqa: F401
+
+    _IMMEDIATE = "django.tasks.backends.immediate.ImmediateBackend"
+except ImportError:  # Django 5.2: the django-tasks backport
+    _IMMEDIATE = "django_tasks.backends.immediate.ImmediateBackend"
+TASKS = {"default": {"BACKEND": _IMMEDIATE}}
+CELERY_BROKER_URL = os.environ.get("DEMO_CELERY_BROKER", "")
+APSCHEDULER_EXECUTORS = {
+    "workers": (
+        {"ENGINE": "celery", "APP": "demo.celery:app"}
+        if CELERY_BROKER_URL
+        else {"ENGINE": "tasks", "BACKEND": "default"}
+    )
+}
