@@ -256,9 +256,6 @@ def _check_executors() -> list[CheckMessage]:
         unknown = set(options) - OPTIONS[engine]
         if unknown:
             error(15, f"{where} has unknown keys {sorted(unknown)}", f"Allowed: {OPTIONS[engine]}")
-        timeout = options.get("DISPATCH_TIMEOUT", conf.DISPATCH_TIMEOUT)
-        if not _number(timeout):
-            error(15, f"{where}['DISPATCH_TIMEOUT'] must be a positive number of seconds")
         if engine == "celery":
             messages.extend(_check_celery(where, options))
         else:

@@ -112,7 +112,7 @@ class Settings:
     @property
     def INFLIGHT_POLL_INTERVAL(self) -> float:
         """How often the leader reads the runs it handed to workers (finished, lost, dead)."""
-        return getattr(settings, "APSCHEDULER_INFLIGHT_POLL_INTERVAL", 2)
+        return getattr(settings, "APSCHEDULER_INFLIGHT_POLL_INTERVAL", 1)
 
     # -- execution history -------------------------------------------------------------------
 

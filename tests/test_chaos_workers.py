@@ -275,8 +275,12 @@ def phase_kill_worker_mid_run(rig: Rig, cluster: Cluster) -> None:
 
     leader, _ = cluster.leader()
     abandoned_before = _metric(leader, "apscheduler_abandoned_runs_total", group="default")
+    # A run picked up from now on: the kill lands early in its 1.5 s, before its Ledger write.
+    since = datetime.fromtimestamp(time.time(), tz=UTC)
     row = cw.wait_until(
-        lambda: next(iter(_rows(job_id="slow", status=EX.PICKED_UP)), None),
+        lambda: next(
+            iter(_rows(job_id="slow", status=EX.PICKED_UP, picked_up_at__gte=since)), None
+        ),
         timeout=20,
         what="a slow run picked up by a worker",
         interval=0.02,

@@ -70,6 +70,8 @@ QUIET_IN_DEMO = (
     "ApschedulerExecutionHistoryWriteErrors",
     "ApschedulerClockSkew",
     "ApschedulerRunsAbandoned",
+    "ApschedulerWorkerBacklog",
+    "ApschedulerJobRunsLost",
 )
 
 T = TypeVar("T")

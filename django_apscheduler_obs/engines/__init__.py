@@ -18,8 +18,8 @@ ENGINES = {
     "tasks": "django_apscheduler_obs.engines.tasks.TasksEngine",
 }
 OPTIONS = {
-    "celery": {"ENGINE", "APP", "QUEUE", "DISPATCH_TIMEOUT"},
-    "tasks": {"ENGINE", "BACKEND", "QUEUE", "DISPATCH_TIMEOUT"},
+    "celery": {"ENGINE", "APP", "QUEUE"},
+    "tasks": {"ENGINE", "BACKEND", "QUEUE"},
 }
 
 
