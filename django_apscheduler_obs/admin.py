@@ -44,8 +44,8 @@ from django.urls import path, reverse
 from django.utils import dateformat, formats, timezone
 from django.utils.html import conditional_escape, escape, format_html
 from django.utils.safestring import SafeString, mark_safe
+from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import ngettext
 
 from django_apscheduler_obs import control, runnow, signing, triggers, util
 from django_apscheduler_obs.conf import conf
@@ -67,12 +67,16 @@ INSTANCE_STALE = 30  # seconds without a heartbeat before a scheduler instance i
 BULK_PARTS = 200  # jobs per UNION ALL statement (SQLite allows 500 compound terms)
 
 EX = DjangoJobExecution
-FAILED_STATUSES = (EX.ERROR, EX.ABANDONED)
+FAILED_STATUSES = (EX.ERROR, EX.ABANDONED, EX.LOST)
+RUNNING_STATUSES = (EX.SENT, *EX.REMOTE_PENDING)
 STATUS_CLASS = {
     EX.SUCCESS: "ok",
     EX.SENT: "info",
+    EX.QUEUED: "info",
+    EX.PICKED_UP: "info",
     EX.ERROR: "error",
     EX.ABANDONED: "error",
+    EX.LOST: "error",
     EX.MISSED: "warn",
     EX.MAX_INSTANCES: "warn",
 }
@@ -217,7 +221,7 @@ class RunStats:
 
     @cached_property
     def finished(self) -> list[Any]:
-        return [r for r in self.runs if r.status != EX.SENT]
+        return [r for r in self.runs if r.status not in RUNNING_STATUSES]
 
     @cached_property
     def successes(self) -> int:
@@ -844,6 +848,7 @@ class DjangoJobExecutionAdmin(LargeTableAdmin):
         "start_delay_s",
         "duration_text",
         "trigger_source",
+        "worker_text",
         "trace",
     ]
     list_filter = [
@@ -863,6 +868,10 @@ class DjangoJobExecutionAdmin(LargeTableAdmin):
         "trigger_source",
         "owner",
         "epoch",
+        "worker_text",
+        "local_enqueued_at",
+        "local_picked_up_at",
+        "queue_wait_s",
         "trace",
         "error_type",
         "exception_text",
@@ -922,6 +931,26 @@ class DjangoJobExecutionAdmin(LargeTableAdmin):
     @admin.display(description=_("trace"))
     def trace(self, obj: DjangoJobExecution) -> str:
         return _trace_link(obj.trace_id, obj.span_id)
+
+    @admin.display(description=_("worker"))
+    def worker_text(self, obj: DjangoJobExecution) -> str:
+        """The worker that ran it; "scheduler" for a run in the scheduler's own pool."""
+        if obj.worker:
+            return obj.worker
+        remote = (*EX.REMOTE_PENDING, EX.LOST)
+        return "—" if obj.status in remote else gettext("scheduler")
+
+    @admin.display(description=_("enqueued"))
+    def local_enqueued_at(self, obj: DjangoJobExecution) -> str:
+        return _local(obj.enqueued_at)
+
+    @admin.display(description=_("picked up"))
+    def local_picked_up_at(self, obj: DjangoJobExecution) -> str:
+        return _local(obj.picked_up_at)
+
+    @admin.display(description=_("queue wait"))
+    def queue_wait_s(self, obj: DjangoJobExecution) -> str:
+        return _seconds(obj.queue_wait)
 
     @admin.display(description=_("exception"))
     def exception_text(self, obj: DjangoJobExecution) -> str:

@@ -437,7 +437,9 @@ class JobStoreCollector(Collector):
             labels=j,
         )
         rows = (
-            DjangoJobExecution.objects.filter(status=DjangoJobExecution.SENT)
+            DjangoJobExecution.objects.filter(
+                status__in=(DjangoJobExecution.SENT, DjangoJobExecution.PICKED_UP)
+            )
             .values("job_id")
             .annotate(ts=Min("started"))
             .values_list("job_id", "ts")

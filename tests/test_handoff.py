@@ -182,16 +182,23 @@ def test_a_run_whose_worker_went_silent_is_abandoned_until_it_reports(
     assert oldest == pytest.approx(alive.started.timestamp())
 
 
-def test_run_now_of_a_remote_job_runs_on_the_worker(make_runtime, remote):
+def test_run_now_from_the_admin_runs_a_remote_job_on_the_worker(make_runtime, remote):
+    from django_apscheduler_obs import runnow
+    from django_apscheduler_obs.models import RunRequest
     from django_apscheduler_obs.runs import TriggerSource
 
     rt = make_runtime()
     _add(rt, "asked", run_date=datetime.now(timezone.utc) + timedelta(days=1))
-    job = rt.scheduler.get_job("asked")
-    rt.scheduler._executors["workers"].submit_run_now(job, datetime.now(timezone.utc))
+    request = runnow.request_run("asked", "alice")
+    done = wait_for(
+        lambda: RunRequest.objects.filter(id=request.id, status=RunRequest.DONE).first(),
+        message="the request done",
+    )
     (row,) = _final("asked")
+    assert done.execution_id == row.id
     assert row.status == EX.SUCCESS and row.worker
     assert row.trigger_source == TriggerSource.RUN_NOW.value
+    assert rt.scheduler.get_job("asked") is not None  # run-now does not consume the job
 
 
 def test_local_and_remote_jobs_side_by_side(make_runtime, remote):
@@ -203,3 +210,22 @@ def test_local_and_remote_jobs_side_by_side(make_runtime, remote):
     assert local.status == far.status == EX.SUCCESS
     assert local.worker is None and far.worker
     assert sorted(Ledger.objects.values_list("job_id", flat=True)) == ["here", "there"]
+
+
+def test_the_admin_shows_remote_runs_and_their_worker(admin_client):
+    from django.urls import reverse
+
+    _queued_row("report", age=3)
+    picked = _queued_row("report", age=2, status=EX.PICKED_UP, worker="celery@w1:42")
+    EX.objects.filter(id=picked.id).update(queue_wait=0.25, picked_up_at=picked.started)
+    _queued_row("report", age=1, status=EX.LOST, exception="Not run: no worker")
+    _queued_row("local", age=1, status=EX.SUCCESS)
+    page = admin_client.get(
+        reverse("admin:django_apscheduler_obs_djangojobexecution_changelist")
+    ).content.decode()
+    for text in ("Queued", "Running on worker", "Lost", "celery@w1:42", "scheduler"):
+        assert text in page, text
+    detail = admin_client.get(
+        reverse("admin:django_apscheduler_obs_djangojobexecution_change", args=[picked.id])
+    ).content.decode()
+    assert "celery@w1:42" in detail and "250 ms" in detail

@@ -226,3 +226,23 @@ def test_exit_codes_of_the_real_command():
     assert json.loads(bad.stdout)["problems"] == ["late: overdue by 5 min"]
     assert "late: overdue by 5 min" in bad.stderr
     assert run("--grace", "-3").returncode == 2
+
+
+@pytest.mark.django_db
+def test_runs_on_workers_show_as_queued_running_or_lost():
+    now = datetime.now(timezone.utc)
+    store_job("queued")
+    EX.objects.create(job_id="queued", status=EX.QUEUED, run_time=now)
+    store_job("on_worker")
+    EX.objects.create(job_id="on_worker", status=EX.PICKED_UP, run_time=now, worker="w:1")
+    code, out, _ = status()
+    lines = out.splitlines()
+    assert next(line for line in lines if line.startswith("queued ")).endswith(
+        "(queued for a worker)"
+    )
+    assert next(line for line in lines if line.startswith("on_worker ")).endswith("(running)")
+    assert code == 0
+    store_job("lost")
+    EX.objects.create(job_id="lost", status=EX.LOST, run_time=now, exception="Not run")
+    code, out, _ = status()
+    assert code == 1 and "problem: lost: last run failed (Lost)" in out

@@ -33,7 +33,7 @@ from django_apscheduler_obs.models import (
 )
 
 EX = DjangoJobExecution
-FAILING = (EX.ERROR, EX.ABANDONED)
+FAILING = (EX.ERROR, EX.ABANDONED, EX.LOST)
 INSTANCE_STALE = 30  # seconds without a heartbeat
 
 
@@ -103,7 +103,8 @@ def collect(grace: float, group: str | None = None) -> dict[str, Any]:
             "id": row["id"],
             "next_run_time": _iso(row["next_run_time"]),
             "paused": row["next_run_time"] is None,
-            "running": row["newest_status"] == EX.SENT,
+            "running": row["newest_status"] in (EX.SENT, EX.PICKED_UP),
+            "queued": row["newest_status"] == EX.QUEUED,
             "last_outcome": row["last_status"],
             "last_outcome_at": _iso(row["last_run"]),
             "last_error": row["last_error"] if failing else None,
@@ -215,6 +216,8 @@ class Command(BaseCommand):
                 state, style = "paused", self.style.WARNING
             if job["running"]:
                 state += " (running)"
+            elif job["queued"]:
+                state += " (queued for a worker)"
             rows.append(
                 [
                     job["id"],
