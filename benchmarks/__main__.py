@@ -28,6 +28,7 @@ TITLES = {
     "7": "Cleanup of the execution history",
     "8": "Admin pages over a large history",
     "9": "Burst: jobs due in the same second",
+    "10": "Runs on Celery workers vs django-celery-beat (python -m benchmarks.workers)",
 }
 ORDER = ["1", "2", "9", "3", "4", "5", "6", "8", "7"]  # 8 reads the history that 7 halves
 
@@ -113,14 +114,14 @@ def tables(rows: list[Any], markdown: bool) -> list[str]:
     by_scenario: dict[str, list[Any]] = {}
     for r in rows:
         by_scenario.setdefault(r.scenario, []).append(r)
-    for sc in ORDER:
+    for sc in [*ORDER, *(s for s in by_scenario if s not in ORDER)]:
         if sc not in by_scenario:
             continue
         group = sorted(
             by_scenario[sc],
             key=lambda r: (
                 [x.case for x in by_scenario[sc]].index(r.case),
-                SUBJECTS.index(r.subject),
+                SUBJECTS.index(r.subject) if r.subject in SUBJECTS else 0,
             ),
         )
         keys: list[str] = []

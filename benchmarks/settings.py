@@ -29,6 +29,13 @@ INSTALLED_APPS = [
 ]
 # 0.7's tables are created from its models, under a renamed constraint (benchmarks/apps.py).
 MIGRATION_MODULES = {"django_apscheduler": None}
+if os.environ.get("BENCH_WORKERS"):  # python -m benchmarks.workers
+    try:
+        import django_celery_beat  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        INSTALLED_APPS.append("django_celery_beat")
 SILENCED_SYSTEM_CHECKS = ["models.E032"]  # the constraint name both apps share (see apps.py)
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",

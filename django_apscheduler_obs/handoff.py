@@ -240,8 +240,13 @@ class RemoteExecutor(ObservedExecutorMixin, BaseExecutor):
                 self._settle_slot(slot, None)
                 continue
             if slot is not None:
-                with self._slots_lock:
-                    self._slots[execution_id] = slot  # before the enqueue: it may finish first
+                with self._slots_lock:  # before the enqueue: the run may finish first
+                    adopted = self._slots.get(execution_id)
+                    self._slots[execution_id] = slot
+                if adopted is not None:
+                    # A new leader's adopt() saw this row between our commit and now and
+                    # took a slot for it: the submission's own slot stands for it instead.
+                    self._settle_slot(adopted, None)
             with tracing.dispatch_span(
                 info, run_time, execution_id, tracer=self.observer.tracer, executor=self.alias
             ) as (span, traceparent):

@@ -70,15 +70,17 @@ APSCHEDULER_WORKER_CONN_MAX_AGE = 0
 APSCHEDULER_AUTODISCOVER = False
 
 # Django's Tasks framework (django.tasks on Django >= 6.0, the django-tasks backport before):
-# "default" runs a task inside enqueue (a real engine, in-process); "db" queues it in the
-# database for ``manage.py db_worker``.
+# "default" runs a task inside enqueue (a real engine, in-process); "held" keeps it; "db"
+# queues it in the database for ``manage.py db_worker``.
 try:
     import django.tasks  # noqa: F401
 
-    _IMMEDIATE = "django.tasks.backends.immediate.ImmediateBackend"
+    _TASKS = "django.tasks"
 except ImportError:
-    _IMMEDIATE = "django_tasks.backends.immediate.ImmediateBackend"
+    _TASKS = "django_tasks"
 TASKS = {
-    "default": {"BACKEND": _IMMEDIATE},
+    "default": {"BACKEND": f"{_TASKS}.backends.immediate.ImmediateBackend"},
+    # keeps what is enqueued, runs nothing: the test plays the worker
+    "held": {"BACKEND": f"{_TASKS}.backends.dummy.DummyBackend", "QUEUES": []},
     "db": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []},  # any queue name
 }

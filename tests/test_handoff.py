@@ -229,3 +229,33 @@ def test_the_admin_shows_remote_runs_and_their_worker(admin_client):
         reverse("admin:django_apscheduler_obs_djangojobexecution_change", args=[picked.id])
     ).content.decode()
     assert "celery@w1:42" in detail and "250 ms" in detail
+
+
+def test_max_instances_holds_until_the_remote_run_is_final(make_runtime, settings):
+    """The slot of a remote run comes back when the leader sees the run final, not when the
+    message is sent: fire times meanwhile are skipped as max_instances. The "held" backend
+    keeps what is enqueued and runs nothing; the test plays the worker."""
+    settings.APSCHEDULER_EXECUTORS = {"held": {"ENGINE": "tasks", "BACKEND": "held"}}
+    settings.APSCHEDULER_INFLIGHT_POLL_INTERVAL = 0.05
+    rt = make_runtime()
+    rt.scheduler.add_job(
+        "tests.jobs:ledger", "interval", seconds=1, id="slow_worker", executor="held",
+        next_run_time=datetime.now(timezone.utc), max_instances=1,
+    )  # fmt: skip
+    queued = wait_for(
+        lambda: EX.objects.filter(job_id="slow_worker", status=EX.QUEUED).first(),
+        message="the first run queued",
+    )
+    rt.events.wait(events.EVENT_JOB_MAX_INSTANCES, "slow_worker")
+    rows = EX.objects.filter(job_id="slow_worker")
+    assert rows.filter(status=EX.QUEUED).count() == 1  # nothing else went out
+    assert rows.filter(status=EX.MAX_INSTANCES).exists()  # and the skip is on record
+    assert rt.scheduler._executors["held"]._instances["slow_worker"] == 1
+    # The worker runs it now; the leader folds it and the next fire time goes out.
+    message = RunMessage(queued.id, "slow_worker", queued.run_time).to_dict()
+    assert run_message(message, worker="late:1") == DONE
+    wait_for(
+        lambda: EX.objects.filter(job_id="slow_worker", status=EX.QUEUED).exists(),
+        message="the next fire time queued",
+    )
+    assert EX.objects.filter(job_id="slow_worker", status=EX.SUCCESS).count() == 1

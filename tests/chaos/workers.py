@@ -202,14 +202,18 @@ class Worker:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
 
-    def stop(self, timeout: float = 15) -> None:
-        """Warm shutdown (SIGTERM to the main process: running tasks finish, prefetched
-        messages go back to the broker); kill -9 of the group if it takes too long."""
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM to the main process: running tasks finish,
+        prefetched messages go back to the broker)."""
         if self.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 15) -> None:
+        """Warm shutdown; kill -9 of the group if it takes longer than ``timeout``."""
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # stray pool children, if any
         with contextlib.suppress(subprocess.TimeoutExpired):
