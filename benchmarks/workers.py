@@ -3,11 +3,11 @@
 Runs handed to Celery, side by side in one process, on one Redis broker and one in-process
 Celery worker (threads pool):
 
-| subject | what runs |
-|---|---|
-| ``obs-local`` | this package's scheduler, jobs in its own pool (the reference) |
-| ``obs-celery`` | this package's scheduler, ``executor="celery"``: claim, enqueue, worker pick-up, record |
-| ``celery-beat`` | django-celery-beat's ``DatabaseScheduler`` in an embedded beat, the same worker |
+- ``obs-local``: this package's scheduler, jobs in its own pool (the reference);
+- ``obs-celery``: this package's scheduler with ``executor="celery"``: claim, enqueue, worker
+  pick-up, record;
+- ``celery-beat``: django-celery-beat's ``DatabaseScheduler`` in an embedded beat, the same
+  worker.
 
 Two cases: **sustained** (``jobs`` jobs every second for ``seconds``) gives runs per second and
 database statements per run (every statement of every thread of the process: scheduler,
