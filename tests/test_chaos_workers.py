@@ -10,8 +10,10 @@ worker liveness 2 s, in-flight poll 0.2 s. The timeline:
 1. kill -9 of a worker in the middle of a slow run: the run ends ``Abandoned``; Redis
    redelivers its message to another worker, whose pick-up drops it;
 2. kill -9 of the leader: a standby takes over (epoch + 1), still one publish per fire time;
-3. a Redis restart (``SHUTDOWN NOSAVE``, then a new server): the runs whose enqueue failed
-   while it was down are recorded ``Lost``; every scheduler and worker survives;
+3. a Redis restart (``SHUTDOWN NOSAVE``, then a new server): every run whose enqueue failed
+   while it was down (the schedulers' log says which) is recorded ``Lost``, and so is every
+   run whose message the restart dropped; every scheduler survives, every worker reconnects
+   (but see Celery's bug below);
 4. every worker stopped for longer than the dispatch timeout: those runs become ``Lost`` and
    the leader's ``/metrics`` counts them (``apscheduler_job_lost_runs_total``);
 5. a run longer than the visibility timeout: Redis redelivers it while it runs (the classic
@@ -23,6 +25,13 @@ Then every expected fire time of every job has exactly one execution row in a fi
 no Lost run ran, and the schedulers' logs show no run published twice. The negative control
 runs workers without the pick-up's compare-and-set (``DAO_UNSAFE_NO_PICKUP=1``, test hooks
 on): the same redeliveries then run twice and the audit reports the duplicates.
+
+Celery 5.7 with kombu 5.7 on Redis: a worker that holds an unacknowledged message (a running
+``acks_late`` task) when the broker connection drops exits with "Unrecoverable error:
+AttributeError(... 'hostname')" once its running tasks end (the consumer's cleanup closes a
+connection it has already collected). That is Celery's bug, not this package's: the broker
+restart tolerates exactly that exit, restarts the worker as a supervisor would, and the audit
+still demands every run of it recorded.
 
 Every wait is on an event (a row, a log line, a metric) with a deadline. The JSON report is
 written next to the logs (``tmp_path``) and, with ``CHAOS_REPORT_DIR``, there too.
@@ -346,36 +355,38 @@ def phase_kill_leader(rig: Rig, cluster: Cluster) -> None:
 
 
 def phase_broker_restart(rig: Rig, cluster: Cluster) -> None:
-    """3. Redis restarted: enqueues that fail while it is down are recorded Lost."""
-    from django_apscheduler_obs.models import DjangoJobExecution as EX
-
+    """3. Redis restarted: the runs whose enqueue failed while it was down are recorded Lost
+    (the final audit checks every one), and the runs it dropped (queued, unacknowledged) are
+    recorded Lost by the dispatch timeout; every scheduler survives, every worker reconnects."""
     workers = rig.live_workers()
     connected = {w.name: w.text().count(cw.CONNECTED) for w in workers}
-    down_at = datetime.fromtimestamp(int(time.time()), tz=UTC)
+    failed_before = len(cw.enqueue_failures(rig.scheduler_logs()))
     t0 = time.monotonic()
     rig.redis.stop()
-
-    def enqueue_failed() -> bool:
-        rows = _rows(job_id__in=FAST, status=EX.LOST, run_time__gte=down_at)
-        return any((r.exception or "").startswith(cw.ENQUEUE_FAILED) for r in rows)
-
     try:  # down until a fire time came due and its enqueue failed (an event, not a pause)
-        cw.wait_until(enqueue_failed, timeout=15, what="an enqueue failure recorded Lost")
+        cw.wait_until(
+            lambda: len(cw.enqueue_failures(rig.scheduler_logs())) > failed_before,
+            timeout=20,
+            what="an enqueue failing in the leader",
+        )
     finally:
         rig.redis.start()
     down_s = time.monotonic() - t0
-    # Each worker reconnects (Celery retries every 2 s, then 4 s, ...) or has exited.
+
+    def settled(worker: cw.Worker) -> bool:
+        """Reconnected (Celery retries after 2 s, then 4 s, ...), or exited."""
+        return not worker.alive() or worker.text().count(cw.CONNECTED) > connected[worker.name]
+
     cw.wait_until(
-        lambda: all(not w.alive() or w.text().count(cw.CONNECTED) > connected[w.name]
-                    for w in workers),
+        lambda: all(settled(w) for w in workers),
         timeout=30,
         what="every worker reconnected to the new Redis",
-    )  # fmt: skip
+    )
     crashed = [w for w in workers if not w.alive()]
     for worker in crashed:
         # Celery 5.7 / kombu 5.7: a worker holding unacknowledged messages (a running
         # acks_late task) when the Redis connection drops dies in its connection cleanup
-        # ("Unrecoverable error: AttributeError(... 'hostname')"; see the module docstring).
+        # ("Unrecoverable error: AttributeError(... 'hostname')"), after its running tasks.
         # Not this package's code: tolerated with exactly that signature, and the worker is
         # restarted as its supervisor would; its runs must still be recorded (the audit).
         assert cw.CELERY_RESTART_CRASH in worker.text(), (
@@ -385,17 +396,10 @@ def phase_broker_restart(rig: Rig, cluster: Cluster) -> None:
     if crashed:
         rig.start_workers(*(f"{w.name}r" for w in crashed))
     wait_running(timeout=45)
-    failed = [
-        r
-        for r in _rows(job_id__in=FAST, status=EX.LOST, run_time__gte=down_at)
-        if (r.exception or "").startswith(cw.ENQUEUE_FAILED)
-    ]
-    assert failed
     assert cluster.alive_all(), "a scheduler died with the broker"
     rig.notes["broker_restart"] = {
         "down_s": round(down_s, 3),
-        "enqueue_failed_lost": len(failed),
-        "example": failed[0].exception[:200],
+        "enqueue_failures": len(cw.enqueue_failures(rig.scheduler_logs())) - failed_before,
         "workers_crashed_in_celery": [w.name for w in crashed],
         "workers_survived": [w.name for w in workers if w not in crashed],
     }
@@ -535,7 +539,7 @@ def test_chaos_workers_timeline(rig: Rig) -> None:
     assert audit.fire_times >= 2 * 25
     assert audit.statuses.get("Lost"), "enqueue failures and the dispatch timeout leave Lost runs"
     assert audit.statuses.get("Abandoned"), "the run killed mid-way is recorded Abandoned"
-    assert audit.lost_reasons.get("enqueue failed"), audit.lost_reasons
+    assert audit.enqueue_failures >= 1, "the broker restart made enqueues fail"
     assert audit.lost_reasons.get("dispatch timeout"), audit.lost_reasons
     assert audit.redeliveries >= 1 and audit.drops >= 3, audit
     # The publish log is what "one publish per fire time" rests on: it must see the runs.

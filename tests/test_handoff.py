@@ -259,3 +259,31 @@ def test_max_instances_holds_until_the_remote_run_is_final(make_runtime, setting
         message="the next fire time queued",
     )
     assert EX.objects.filter(job_id="slow_worker", status=EX.SUCCESS).count() == 1
+
+
+def test_a_new_leader_counts_the_remote_runs_the_old_one_handed_out(make_runtime, settings):
+    """Across a failover: the run enqueued by leader A finishes while B leads; B counts it
+    (the row's flag, not A's memory, says what is counted) and A never does."""
+    settings.APSCHEDULER_EXECUTORS = {"held": {"ENGINE": "tasks", "BACKEND": "held"}}
+    settings.APSCHEDULER_INFLIGHT_POLL_INTERVAL = 0.05
+    a = make_runtime()
+    a.scheduler.add_job(
+        "tests.jobs:ledger", "date", run_date=datetime.now(timezone.utc), id="handed",
+        executor="held",
+    )  # fmt: skip
+    queued = wait_for(
+        lambda: EX.objects.filter(job_id="handed", status=EX.QUEUED).first(),
+        message="the run queued by A",
+    )
+    b = make_runtime(wait_leader=False)
+    a.stop(timeout=1)  # releases the lease: B takes over
+    wait_for(b.lease.is_leader, message="B leading")
+    message = RunMessage(queued.id, "handed", queued.run_time).to_dict()
+    assert run_message(message, worker="w:1") == DONE
+    labels = {"job_id": "handed", "outcome": "success", "error_type": ""}
+    wait_for(
+        lambda: metric_value(b.registry, "apscheduler_job_runs_total", labels) == 1,
+        message="B counting the run",
+    )
+    assert not metric_value(a.registry, "apscheduler_job_runs_total", labels)
+    assert EX.objects.get(id=queued.id).report_pending is None

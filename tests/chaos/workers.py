@@ -55,6 +55,11 @@ PUBLISHED = re.compile(r"chaos publish: run (\d+) task (\S+)")
 DELIVERED = re.compile(r"chaos delivery: run (\d+) task (\S+) redelivered=(\S+)")
 DROPPED = re.compile(r"Run (\d+) of '([^']*)' at .* was already picked up or marked lost")
 ENQUEUE_FAILED = "Not run: enqueueing it on"
+# handoff.py's log line for an enqueue that raised (the run is then marked Lost, unless the
+# dispatch timeout marked it first: with the broker down, kombu takes ~6 s to give up).
+COULD_NOT_ENQUEUE = re.compile(
+    r"Could not enqueue '([^']*)' at (\S+ \S+) on '[^']*': run marked lost"
+)
 DISPATCH_TIMED_OUT = "Not run: no worker picked it up within the dispatch timeout"
 CONNECTED = "Connected to redis://"
 # Celery 5.7 / kombu 5.7: how a worker holding unacknowledged messages dies when the Redis
@@ -250,6 +255,15 @@ def delivered(logs: Iterable[str]) -> dict[int, list[str]]:
     return out
 
 
+def enqueue_failures(logs: Iterable[str]) -> list[tuple[str, datetime]]:
+    """(job id, run time) of every enqueue that failed, from the schedulers' logs."""
+    out = []
+    for text in logs:
+        for match in COULD_NOT_ENQUEUE.finditer(text):
+            out.append((match.group(1), datetime.fromisoformat(match.group(2)).astimezone(UTC)))
+    return out
+
+
 def publish_again(queue: str, message: dict[str, Any]) -> None:
     """A duplicate publish of a run's message, through the same app and task name."""
     redis_app.send_task(TASK_NAME, kwargs={"message": message}, queue=queue)
@@ -338,6 +352,8 @@ class WorkerAudit:
     lost_but_ran: list[str]  # recorded Lost (never ran), but the job's row is there
     published_twice: list[str]  # execution ids the schedulers published more than once
     executed_unpublished: list[str]  # Executed, without a publish in the scheduler logs
+    enqueue_failures: int  # enqueues that raised (scheduler logs)
+    enqueue_failed_not_lost: list[str]  # ... whose run is not recorded Lost
     lost_reasons: dict[str, int]
     publishes: int
     deliveries: int
@@ -355,6 +371,7 @@ class WorkerAudit:
             or self.executed_without_ledger
             or self.lost_but_ran
             or self.published_twice
+            or self.enqueue_failed_not_lost
         )
 
 
@@ -432,7 +449,9 @@ def audit(
         (job, rt.astimezone(UTC)): (pk, status, exc) for pk, job, rt, status, exc in _rows(job_ids)
     }
     worker_logs = list(worker_logs)
+    scheduler_logs = list(scheduler_logs)
     pubs = published(scheduler_logs)
+    failed = enqueue_failures(scheduler_logs)
     deliveries = delivered(worker_logs)
 
     def label(key: tuple[str, datetime]) -> str:
@@ -489,6 +508,10 @@ def audit(
         lost_but_ran=lost_ran,
         published_twice=twice,
         executed_unpublished=unpublished,
+        enqueue_failures=len(failed),
+        enqueue_failed_not_lost=[
+            label(key) for key in failed if rows.get(key, (0, "", ""))[1] != EX.LOST
+        ],
         lost_reasons=dict(reasons),
         publishes=sum(len(t) for t in pubs.values()),
         deliveries=len(all_deliveries),
