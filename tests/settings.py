@@ -21,7 +21,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django_apscheduler_obs",
-    "django_tasks_db",  # a real Tasks backend with a worker, for runs on workers
+    "django_tasks_db",  # real Tasks backends with workers, for runs on workers:
+    "django_rq",  # the database one and a Redis one (django-tasks-rq)
     "tests.testapp",
 ]
 MIDDLEWARE = [
@@ -83,4 +84,7 @@ TASKS = {
     # keeps what is enqueued, runs nothing: the test plays the worker
     "held": {"BACKEND": f"{_TASKS}.backends.dummy.DummyBackend", "QUEUES": []},
     "db": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []},  # any queue name
+    "rq": {"BACKEND": "django_tasks_rq.RQBackend", "QUEUES": ["dao-rq"]},
 }
+# django-rq reads its queues once, at import: one fixed queue on its own Redis database.
+RQ_QUEUES = {"dao-rq": {"HOST": "127.0.0.1", "PORT": 6379, "DB": 13}}

@@ -244,3 +244,23 @@ def test_tasks_db_worker_runs_remote_jobs(make_runtime, start_worker, settings):
     rt.scheduler.pause()
     _assert_ran_once_each("queued-in-db", remote, "dbw1:")
     _assert_ran_once_each("local", local, None)
+
+
+def test_tasks_rq_worker_runs_remote_jobs(make_runtime, start_worker, settings):
+    """A Redis-based backend of the Tasks framework: django-tasks-rq and django-rq's worker."""
+    import redis
+
+    redis.Redis(db=13).flushdb()  # the fixed queue of tests/settings.py: nothing left over
+    executors = {"rq": {"ENGINE": "tasks", "BACKEND": "rq", "QUEUE": "dao-rq"}}
+    settings.APSCHEDULER_EXECUTORS = executors
+    settings.APSCHEDULER_INFLIGHT_POLL_INTERVAL = 0.1
+    argv = [
+        sys.executable, "-m", "django", "rqworker", "dao-rq", "--job-class",
+        "django_tasks_rq.Job", "--worker-class", "rq.worker.SimpleWorker", "--name", "rqw1",
+    ]  # fmt: skip
+    start_worker(argv, {"APSCHEDULER_EXECUTORS": executors}, "Listening on")
+    rt = make_runtime()
+    _every_second(rt, "queued-in-redis", "rq")
+    remote = _final("queued-in-redis", 3)
+    rt.scheduler.pause()
+    _assert_ran_once_each("queued-in-redis", remote, "rqw1:")

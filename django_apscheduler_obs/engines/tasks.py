@@ -33,13 +33,17 @@ except ImportError:  # Django 5.2 with the django-tasks backport
     )
 
 
-def _import_backend() -> str:
-    """The backend the module-level task is declared on: the first ``tasks`` executor's
-    (workers re-target it to the backend each message came from)."""
+def _declared_on() -> dict[str, str]:
+    """Backend and queue the module-level task is declared on: the first ``tasks``
+    executor's (a backend validates them at declaration; each message is re-targeted to the
+    backend and queue of its executor, and workers use those)."""
     for options in conf.EXECUTORS.values():
         if isinstance(options, dict) and options.get("ENGINE") == "tasks":
-            return str(options.get("BACKEND", DEFAULT_TASK_BACKEND_ALIAS))
-    return DEFAULT_TASK_BACKEND_ALIAS
+            return {
+                "backend": str(options.get("BACKEND", DEFAULT_TASK_BACKEND_ALIAS)),
+                "queue_name": str(options.get("QUEUE", DEFAULT_TASK_QUEUE_NAME)),
+            }
+    return {"backend": DEFAULT_TASK_BACKEND_ALIAS}
 
 
 def run_scheduled_job(context: TaskContext, message: dict[str, Any]) -> str:
@@ -51,7 +55,7 @@ def run_scheduled_job(context: TaskContext, message: dict[str, Any]) -> str:
     return run_message(message, worker=f"{name}:{os.getpid()}")
 
 
-run_scheduled_job = task(takes_context=True, backend=_import_backend())(run_scheduled_job)  # type: ignore[assignment]
+run_scheduled_job = task(takes_context=True, **_declared_on())(run_scheduled_job)  # type: ignore[assignment,call-overload,unused-ignore]
 
 
 class TasksEngine:
