@@ -26,7 +26,9 @@ def _app(name: str, broker: str) -> Celery:
 
 _CONF = {
     "broker_connection_retry_on_startup": True,
-    "task_publish_retry": False,  # an unreachable broker is an error at once, not in minutes
+    # No publish retries; kombu still spends a few seconds reconnecting before an
+    # unreachable broker is an error.
+    "task_publish_retry": False,
     "worker_prefetch_multiplier": 1,
     "worker_hijack_root_logger": False,
     # Redis redelivers an unacknowledged message after this (a worker killed mid-run);

@@ -208,14 +208,20 @@ class Rig:
         return jobs
 
     def close(self) -> None:
-        # The broker first: a worker stopping while it is down would wait for it.
-        self.redis.ensure_up()
-        for worker in self.workers:  # all at once, then each waited for
-            worker.terminate()
-        for worker in self.workers:
-            worker.stop(timeout=10)
-        if self.cluster is not None:
-            self.cluster.stop_all()
+        """Stop every process this test started, whatever happened; the broker first (a
+        worker stopping while it is down would wait for it)."""
+        try:
+            self.redis.ensure_up()
+        finally:
+            try:
+                for worker in self.workers:  # all at once, then each waited for
+                    worker.terminate()
+                for worker in self.workers:
+                    worker.stop(timeout=10)
+            finally:
+                if self.cluster is not None:
+                    self.cluster.stop_all()
+        self.redis.forget_queue(self.queue)
 
 
 @pytest.fixture
@@ -316,6 +322,8 @@ def phase_kill_worker_mid_run(rig: Rig, cluster: Cluster) -> None:
         what=f"run #{row.id} abandoned",
     )
     abandoned_after = time.time() - killed_at
+    # Marked once its liveness stamp (refreshed every LIVENESS / 4) was LIVENESS old, not sooner.
+    assert abandoned_after > LIVENESS / 2, abandoned_after
     leader, _ = cluster.leader()
     cw.wait_until(
         lambda: (
@@ -332,6 +340,8 @@ def phase_kill_worker_mid_run(rig: Rig, cluster: Cluster) -> None:
         timeout=30,
         what=f"the redelivery of run #{row.id} dropped",
     )
+    dropped_by = [w.name for w in rig.workers if cw.dropped([w.text()])[row.id]]
+    assert victim.name not in dropped_by
     final = _rows(id=row.id)[0]
     assert final.status == EX.ABANDONED, (final.status, final.exception)
     assert final.worker.startswith(f"{victim.name}@"), final.worker
@@ -340,6 +350,7 @@ def phase_kill_worker_mid_run(rig: Rig, cluster: Cluster) -> None:
         "run": row.id,
         "worker": victim.name,
         "abandoned_after_s": round(abandoned_after, 3),
+        "redelivery_dropped_by": dropped_by,
         "redelivery_dropped_after_s": round(time.time() - killed_at, 3),
     }
     wait_running()
@@ -555,7 +566,7 @@ def test_negative_control_without_pickup_redeliveries_run_twice(rig: Rig) -> Non
     from tests.testapp.models import Ledger
 
     rig.start_workers("u1", "u2", unsafe=True)
-    rig.start_cluster(1)
+    cluster = rig.start_cluster(1)
     wait_running(timeout=rig.start - time.time() + 20)
     executed = _rows(job_id=FAST[0], status=EX.SUCCESS)[-1]
     cw.publish_again(rig.queue, RunMessage(executed.id, FAST[0], executed.run_time).to_dict())
@@ -579,12 +590,9 @@ def test_negative_control_without_pickup_redeliveries_run_twice(rig: Rig) -> Non
         what="the redelivered long run run twice",
     )
     audit = _final_audit(rig)
-    _save(
-        rig,
-        "chaos-workers-negative-no-pickup",
-        rig.cluster.report(None, worker_audit=asdict(audit)),
-    )
-    assert not audit.ok
-    assert audit.duplicates >= 2, audit
+    report = cluster.report(None, worker_audit=asdict(audit))
+    _save(rig, "chaos-workers-negative-no-pickup", report)
+    assert not audit.ok, "the audit must see the double runs"
+    assert audit.duplicates >= 2, report
     assert f"long@{long_time.isoformat()}" in audit.duplicated, audit.duplicated
     assert f"{FAST[0]}@{executed.run_time.astimezone(UTC).isoformat()}" in audit.duplicated

@@ -40,7 +40,7 @@ from typing import Any
 
 from celery import signals
 
-from tests.celery_app import redis_app
+from tests.celery_app import REDIS_URL, redis_app
 
 __all__ = ["redis_app"]
 
@@ -280,9 +280,9 @@ class Redis:
     def __init__(self) -> None:
         self.dir = "/var/lib/redis"
 
-    def _cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def _cli(self, *args: str, db: str = "0") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args],
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), "-n", db, *args],
             capture_output=True,
             text=True,
             timeout=10,
@@ -304,35 +304,27 @@ class Redis:
         wait_until(lambda: not self.up(), timeout=15, what="redis-server down")
 
     def start(self) -> None:
-        subprocess.run(
-            [
-                "redis-server",
-                "--daemonize",
-                "yes",
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir if os.path.isdir(self.dir) else "/tmp",
-            ],  # fmt: skip
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+        argv = [
+            "redis-server", "--daemonize", "yes", "--bind", "127.0.0.1",
+            "--port", str(self.port), "--save", "", "--appendonly", "no",
+            "--dir", self.dir if os.path.isdir(self.dir) else "/tmp",
+        ]  # fmt: skip
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
         wait_until(self.up, timeout=30, what="redis-server answering PONG", interval=0.05)
 
     def ensure_up(self) -> None:
         if not self.up():
             self.start()
 
+    def forget_queue(self, queue: str) -> None:
+        """Delete a test's queue and its bindings (whatever was still queued in it)."""
+        keys = [queue, f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"]
+        self._cli("del", *keys, db=REDIS_URL.rsplit("/", 1)[-1])
+
 
 # -- the audit ---------------------------------------------------------------------------------
 
+# DjangoJobExecution.SUCCESS, LOST, ABANDONED, MISSED (models are not imported at import time)
 ALLOWED_FINAL = ("Executed", "Lost", "Abandoned", "Missed!")
 
 
@@ -459,8 +451,15 @@ def audit(
         where = f"{key[0]}@{key[1].isoformat()}"
         return f"{where}=no row" if row is None else f"{where}=#{row[0]} {row[1]}"
 
-    missing, not_final, unexpected, no_ledger, lost_ran, abandoned_ran = [], [], [], [], [], []
-    unpublished, statuses, reasons = [], Counter(), Counter()
+    missing: list[str] = []
+    not_final: list[str] = []
+    unexpected: list[str] = []
+    no_ledger: list[str] = []
+    lost_ran: list[str] = []
+    abandoned_ran: list[str] = []
+    unpublished: list[str] = []
+    statuses: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
     for key in expected:
         row = rows.get(key)
         if row is None:
